@@ -1,0 +1,125 @@
+"""Command line: `voice-agent run | check-config | devices`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+from agent import __version__
+from agent.config import Config, load_config
+from agent.errors import AgentError, ConfigError
+
+log = logging.getLogger(__name__)
+
+EXIT_CONFIG = 2
+
+
+def _config_or_exit(path: str | None) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        where = path or "embedded defaults"
+        print(f"config error ({where}):", file=sys.stderr)
+        for line in e.message.splitlines():
+            print(f"  {line}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Print `ok` or every problem with its YAML path."""
+    _config_or_exit(args.file)
+    print("ok")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the daemon."""
+    from agent.audio.base import parse_source_spec
+    from agent.daemon import Daemon
+
+    cfg = _config_or_exit(args.config)
+    try:
+        audio = parse_source_spec(args.source, cfg.audio)
+        if args.mode:
+            cfg = cfg.model_copy(update={"gate": cfg.gate.model_copy(update={"mode": args.mode})})
+        if args.realtime is not None:
+            audio = audio.model_copy(update={"realtime": args.realtime})
+        elif args.source and args.source.startswith("file:"):
+            # A recording given on the command line is processed as fast as possible.
+            audio = audio.model_copy(update={"realtime": False})
+        cfg = cfg.model_copy(update={"audio": audio})
+        logging.getLogger().setLevel(cfg.log_level.upper())
+        daemon = Daemon(cfg, events_target=args.events)
+    except AgentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    return asyncio.run(daemon.run())
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    """List audio input devices."""
+    from agent.audio.mic import list_input_devices
+
+    try:
+        devices = list_input_devices()
+    except AgentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(devices, indent=2))
+    else:
+        for d in devices:
+            print(f"{d['index']:3d}  {d['name']}  ({d['channels']} ch, "
+                  f"{d['default_samplerate']:.0f} Hz)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree."""
+    p = argparse.ArgumentParser(prog="voice-agent", description=__doc__)
+    p.add_argument("--version", action="version", version=f"voice-agent {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run the daemon")
+    r.add_argument("-c", "--config", help="YAML config (default: embedded defaults)")
+    r.add_argument("--source", help="mic, mic:DEVICE, file:PATH or stdin (overrides config)")
+    r.add_argument("--mode", choices=["ptt", "ptt_toggle", "vad"], help="gate mode override")
+    r.add_argument("--events", help="write events as JSON lines to FILE, or - for stdout")
+    rt = r.add_mutually_exclusive_group()
+    rt.add_argument("--realtime", dest="realtime", action="store_true", default=None,
+                    help="pace a file source in real time")
+    rt.add_argument("--fast", dest="realtime", action="store_false",
+                    help="process a file source as fast as possible")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("check-config", help="validate a config file")
+    c.add_argument("file", nargs="?", help="YAML file (default: embedded defaults + env)")
+    c.set_defaults(func=cmd_check_config)
+
+    d = sub.add_parser("devices", help="list audio input devices")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_devices)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `voice-agent` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        rc: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
+

@@ -1,0 +1,250 @@
+"""Validated configuration: pydantic models, YAML loading, env overrides, readable errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from agent.errors import ConfigError
+
+ENV_PREFIX = "VOICE_AGENT__"
+CAPTURE_RATES = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000)
+PIPELINE_RATE = 16000  # every stage after the source sees 16 kHz mono int16
+
+
+def _default_device_id() -> str:
+    """Hostname slug: safe in MQTT topics and URLs."""
+    slug = re.sub(r"[^a-z0-9_-]+", "-", socket.gethostname().lower()).strip("-")
+    return slug or "voice-agent"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AudioConfig(_Model):
+    """Where audio comes from and how it is chunked."""
+
+    source: Literal["mic", "file", "stdin"] = "mic"
+    device: int | str | None = None
+    sample_rate: int | None = None
+    channels: int | None = Field(default=None, ge=1, le=32)
+    block_ms: Literal[10, 20, 30] = 30
+    file: Path | None = None
+    realtime: bool = True
+    stdin_rate: int = PIPELINE_RATE
+    queue_chunks: int = Field(default=200, ge=4, le=100_000)
+    retry_initial_s: float = Field(default=1.0, gt=0)
+    retry_max_s: float = Field(default=30.0, gt=0)
+    stall_timeout_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("sample_rate", "stdin_rate")
+    @classmethod
+    def _rate(cls, v: int | None) -> int | None:
+        if v is not None and v not in CAPTURE_RATES:
+            raise ValueError("must be one of " + ", ".join(map(str, CAPTURE_RATES)))
+        return v
+
+
+class WebrtcVadConfig(_Model):
+    """Google WebRTC VAD (GMM): tiny and fast, weaker in noise."""
+
+    backend: Literal["webrtc"] = "webrtc"
+    aggressiveness: int = Field(default=2, ge=0, le=3)
+    frame_ms: Literal[10, 20, 30] = 30
+
+
+class SileroVadConfig(_Model):
+    """Silero VAD (small neural net, ONNX): robust in noise."""
+
+    backend: Literal["silero"] = "silero"
+    threshold: float = Field(default=0.5, gt=0, lt=1)
+    model: Path | None = None
+
+
+VadConfig = Annotated[WebrtcVadConfig | SileroVadConfig, Field(discriminator="backend")]
+
+
+class SegmenterConfig(_Model):
+    """How VAD decisions become utterances."""
+
+    min_speech_ms: int = Field(default=120, ge=0, le=5000)
+    min_silence_ms: int = Field(default=700, ge=0, le=10_000)
+    max_utterance_s: float = Field(default=20.0, gt=0.5, le=300)
+    pre_roll_ms: int = Field(default=150, ge=0, le=2000)
+    post_roll_ms: int = Field(default=100, ge=0, le=2000)
+
+
+class GateConfig(_Model):
+    """Push-to-talk gate: which audio is speech for the agent."""
+
+    mode: Literal["ptt", "ptt_toggle", "vad"] = "ptt"
+    max_hold_s: float = Field(default=60.0, gt=0, le=3600)
+
+
+class EventsConfig(_Model):
+    """Event bus limits."""
+
+    queue_size: int = Field(default=1000, ge=10, le=1_000_000)
+
+
+class MqttConfig(_Model):
+    """MQTT broker connection (events out, commands in)."""
+
+    enabled: bool = False
+    host: str = "localhost"
+    port: int = Field(default=1883, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    client_id: str | None = None
+    topic_prefix: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class ApiConfig(_Model):
+    """Local HTTP + WebSocket API."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=8765, ge=1, le=65535)
+    key: SecretStr | None = None
+
+
+class DashscopeConfig(_Model):
+    """Alibaba DashScope (cloud LLM + TTS for replies)."""
+
+    api_key: SecretStr | None = None
+    base_url: str | None = None
+
+
+class RuntimeConfig(_Model):
+    """Threads for model runtimes, kept off the event loop."""
+
+    model_threads: int = Field(default=2, ge=1, le=64)
+    executor_workers: int = Field(default=2, ge=1, le=64)
+
+
+class Config(_Model):
+    """The whole daemon configuration (see agent.yaml for every key, commented)."""
+
+    device_id: str = Field(default_factory=_default_device_id, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    state_dir: Path = Path("~/.local/state/voice-agent")
+    audio: AudioConfig = AudioConfig()
+    vad: VadConfig = WebrtcVadConfig()
+    segmenter: SegmenterConfig = SegmenterConfig()
+    gate: GateConfig = GateConfig()
+    events: EventsConfig = EventsConfig()
+    mqtt: MqttConfig = MqttConfig()
+    api: ApiConfig = ApiConfig()
+    dashscope: DashscopeConfig = DashscopeConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+
+def _env_overrides(env: Mapping[str, str]) -> list[tuple[list[str], Any]]:
+    """`VOICE_AGENT__AUDIO__SAMPLE_RATE=48000` -> (["audio", "sample_rate"], 48000)."""
+    out = []
+    for name, raw in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        if not path:
+            continue
+        try:
+            # YAML scalars, so numbers and booleans arrive typed.
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, (dict, list)):
+            value = raw
+        out.append((path, value))
+    return out
+
+
+def _apply(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for key in path[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[path[-1]] = value
+
+
+def _loc_to_path(loc: tuple[int | str, ...], data: Any) -> str:
+    """Turn a pydantic error location into a YAML path, skipping union tags."""
+    parts: list[str] = []
+    node = data
+    for i, elem in enumerate(loc):
+        if isinstance(node, dict) and elem in node:
+            parts.append(str(elem))
+            node = node[elem]
+        elif isinstance(node, list) and isinstance(elem, int) and elem < len(node):
+            parts.append(f"[{elem}]")
+            node = node[elem]
+        elif i < len(loc) - 1 and isinstance(elem, str) and isinstance(node, dict):
+            # Discriminated unions insert the tag (e.g. "webrtc") into the location.
+            continue
+        else:
+            parts.append(str(elem))
+            node = None
+    return ".".join(parts).replace(".[", "[") or "(root)"
+
+
+def format_errors(exc: ValidationError, data: Any) -> list[str]:
+    """One line per problem: `yaml.path: reason (got value)`."""
+    problems = []
+    for err in exc.errors():
+        path = _loc_to_path(tuple(err["loc"]), data)
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required"
+        inp = err.get("input")
+        if err["type"] not in ("missing", "extra_forbidden") and not isinstance(inp, (dict, list)):
+            msg += f" (got {inp!r})"
+        problems.append(f"{path}: {msg}")
+    return problems
+
+
+def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load YAML (or embedded defaults), apply env overrides, validate; raise ConfigError."""
+    env = os.environ if env is None else env
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError("unreadable", f"{p}: cannot read: {e.strerror or e}") from e
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError("yaml", f"{p}: {where}{problem}") from e
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError("yaml", f"{p}: top level must be a mapping of sections")
+    for key_path, value in _env_overrides(env):
+        _apply(data, key_path, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        problems = format_errors(e, data)
+        err = ConfigError("invalid", "\n".join(problems))
+        err.problems = problems  # type: ignore[attr-defined]
+        raise err from None

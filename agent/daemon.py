@@ -1,0 +1,92 @@
+"""`voice-agent run`: wires source, gate, VAD, segmenter, analysers and sinks together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+from agent.analysers import Analyser, AnalyserHub
+from agent.audio.base import AudioSource, make_source
+from agent.bus import EventBus, Publisher
+from agent.config import Config
+from agent.errors import AgentError
+from agent.events import ErrorEvent
+from agent.gate import GateController
+from agent.pipeline import Segmentation, run_pipeline
+from agent.sinks import jsonl_sink
+from agent.vad.base import make_vad
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 5.0
+
+
+class Daemon:
+    """One running voice agent; `run()` returns the process exit code."""
+
+    def __init__(self, cfg: Config, events_target: str | None = None,
+                 analysers: list[Analyser] | None = None,
+                 source: AudioSource | None = None) -> None:
+        self.cfg = cfg
+        self.bus = EventBus()
+        self.pub = Publisher(self.bus, cfg.device_id)
+        self.gate = GateController(cfg.gate.mode, self.pub, cfg.gate.max_hold_s)
+        self.hub = AnalyserHub(analysers or [], self.pub)
+        self.events_target = events_target
+        self.source = source or make_source(cfg.audio, on_error=self.report)
+        self.vad = make_vad(cfg.vad)
+        self.seg = Segmentation(cfg.segmenter, self.vad.frame_samples, self.pub, self.hub,
+                                self.gate.session_id)
+        self.end_reason: list[str] = []
+        self.failed: AgentError | None = None
+        self.ready = asyncio.Event()
+
+    def report(self, err: AgentError, fatal: bool = False) -> None:
+        """Log an error and publish it as an `error` event."""
+        (log.error if fatal else log.warning)("%s", err)
+        self.pub.emit(ErrorEvent, stage=err.stage, code=err.code, message=err.message,
+                      fatal=fatal)
+
+    def shutdown(self) -> None:
+        """Stop capturing; the utterance in progress is finished, then we exit."""
+        if not self.end_reason:
+            log.info("shutting down")
+            self.end_reason.append("shutdown")
+        self.source.stop()
+
+    async def _pipeline(self) -> None:
+        with ThreadPoolExecutor(1, thread_name_prefix="vad") as vad_ex:
+            try:
+                await run_pipeline(self.source.chunks(), self.gate, self.vad, vad_ex, self.seg,
+                                   self.end_reason)
+            except AgentError as e:
+                self.failed = e
+                self.report(e, fatal=True)
+                self.seg.close("end_of_stream")
+        if not await self.hub.drain(SHUTDOWN_GRACE_S if self.end_reason else None):
+            log.warning("analysers did not finish within %.0f s", SHUTDOWN_GRACE_S)
+        await self.hub.close()
+        # Closing the bus lets every sink drain what it holds and finish.
+        self.bus.close()
+
+    async def run(self) -> int:
+        """Run until the source ends or a signal arrives."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.shutdown)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                if self.events_target:
+                    sub = self.bus.subscribe(self.cfg.events.queue_size, name="jsonl")
+                    tg.create_task(jsonl_sink(sub, self.events_target), name="jsonl-sink")
+                tg.create_task(self._pipeline(), name="pipeline")
+                self.ready.set()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+        return 1 if self.failed else 0

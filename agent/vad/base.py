@@ -1,0 +1,44 @@
+"""The VAD interface: fixed-size int16 frames in, one speech decision per frame out."""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+from agent.config import PIPELINE_RATE, SileroVadConfig, VadConfig, WebrtcVadConfig
+
+
+class Vad(abc.ABC):
+    """Synchronous and stateful; the pipeline runs it in its own executor thread."""
+
+    name = "vad"
+    frame_samples: int
+
+    @property
+    def frame_ms(self) -> float:
+        """Frame length in milliseconds."""
+        return 1000.0 * self.frame_samples / PIPELINE_RATE
+
+    @abc.abstractmethod
+    def is_speech(self, frame: np.ndarray) -> bool:
+        """Decide one frame of exactly `frame_samples` int16 samples."""
+
+    def process(self, frames: list[np.ndarray]) -> list[bool]:
+        """Decide a batch of frames (one executor hop for many frames)."""
+        return [self.is_speech(f) for f in frames]
+
+    def reset(self) -> None:  # noqa: B027 - stateless backends need nothing
+        """Forget recurrent state (new gate session)."""
+
+
+def make_vad(cfg: VadConfig) -> Vad:
+    """Build the configured backend."""
+    if isinstance(cfg, WebrtcVadConfig):
+        from agent.vad.webrtc import WebrtcVad
+
+        return WebrtcVad(cfg)
+    assert isinstance(cfg, SileroVadConfig)
+    from agent.vad.silero import SileroVad
+
+    return SileroVad(cfg)

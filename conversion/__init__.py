@@ -1,0 +1,1 @@
+"""Offline model conversion tools (conversion-time only; the daemon never imports these)."""
