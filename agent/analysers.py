@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ class Utterance:
     start_s: float
     end_s: float | None = None
     end_reason: str | None = None
+    end_mono: float | None = None  # when the end was known: VAD end or PTT release
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -89,9 +91,10 @@ class AnalyserHub:
         for q in self._queues.get(utt.id, ()):
             q.put_nowait(samples)
 
-    def end(self, utt: Utterance, end_s: float, reason: str) -> None:
-        """Close the utterance's audio streams."""
+    def end(self, utt: Utterance, end_s: float, reason: str, mono: float | None = None) -> None:
+        """Close the utterance's audio streams; `mono` is when its end became known."""
         utt.end_s, utt.end_reason = end_s, reason
+        utt.end_mono = time.monotonic() if mono is None else mono
         utt.ended.set()
         for q in self._queues.pop(utt.id, ()):
             q.put_nowait(_END)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import sys
+from pathlib import Path
 
 from agent import __version__
 from agent.config import Config, load_config
@@ -59,6 +60,62 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(daemon.run())
 
 
+async def _transcribe_file(cfg: Config, path: str) -> dict[str, object]:
+    """Run one file through the daemon's own pipeline (VAD mode) and collect the finals."""
+    from agent.daemon import Daemon
+    from agent.events import AsrFinal, ErrorEvent
+
+    daemon = Daemon(cfg)
+    sub = daemon.bus.subscribe(100_000, types=["asr.final", "error"], name="transcribe")
+    rc = await daemon.run()
+    finals: list[AsrFinal] = []
+    errors: list[str] = []
+    async for ev in sub:
+        if isinstance(ev, AsrFinal):
+            finals.append(ev)
+        elif isinstance(ev, ErrorEvent):
+            errors.append(f"{ev.stage}/{ev.code}: {ev.message}")
+    return {
+        "file": path, "ok": rc == 0 and not errors,
+        "text": " ".join(f.text for f in finals if f.text),
+        "utterances": [f.model_dump(include={"text", "language", "audio_s", "decode_ms"})
+                       for f in finals],
+        "errors": errors,
+    }
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    """Print the transcript of each file."""
+    cfg = _config_or_exit(args.config)
+    asr_update: dict[str, object] = {"enabled": True}
+    if args.model:
+        asr_update["model"] = args.model
+    if args.model_dir:
+        asr_update["model_dir"] = Path(args.model_dir)
+    if args.language is not None and hasattr(cfg.asr, "language"):
+        asr_update["language"] = args.language
+    asr_update["partials"] = False
+    rc = 0
+    for path in args.files:
+        audio = cfg.audio.model_copy(update={"source": "file", "file": Path(path),
+                                             "realtime": False})
+        fcfg = cfg.model_copy(update={
+            "audio": audio, "gate": cfg.gate.model_copy(update={"mode": "vad"}),
+            "asr": cfg.asr.model_copy(update=asr_update), "log_level": "warning"})
+        logging.getLogger().setLevel(logging.WARNING)
+        result = asyncio.run(_transcribe_file(fcfg, path))
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False))
+        else:
+            prefix = f"{path}: " if len(args.files) > 1 else ""
+            print(prefix + str(result["text"]))
+        if not result["ok"]:
+            rc = 1
+            for err in result["errors"]:  # type: ignore[attr-defined]
+                print(f"error: {path}: {err}", file=sys.stderr)
+    return rc
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     """List audio input devices."""
     from agent.audio.mic import list_input_devices
@@ -99,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a config file")
     c.add_argument("file", nargs="?", help="YAML file (default: embedded defaults + env)")
     c.set_defaults(func=cmd_check_config)
+
+    t = sub.add_parser("transcribe", help="transcribe audio files with the local ASR model")
+    t.add_argument("files", nargs="+", metavar="FILE")
+    t.add_argument("-c", "--config", help="YAML config (default: embedded defaults)")
+    t.add_argument("--model", help="model id from `voice-agent models list`")
+    t.add_argument("--model-dir", help="directory with the model files")
+    t.add_argument("--language", help="language code for multilingual models (e.g. zh)")
+    t.add_argument("--json", action="store_true", help="one JSON object per file, with timings")
+    t.set_defaults(func=cmd_transcribe)
 
     d = sub.add_parser("devices", help="list audio input devices")
     d.add_argument("--json", action="store_true")

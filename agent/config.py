@@ -82,6 +82,41 @@ class SegmenterConfig(_Model):
     post_roll_ms: int = Field(default=100, ge=0, le=2000)
 
 
+class _AsrCommon(_Model):
+    enabled: bool = True
+    # A model id from models_onnx/manifest.yaml (`voice-agent models list`) ...
+    model: str = "whisper-tiny.en-int8"
+    # ... or a directory holding the model files (e.g. an official sherpa-onnx release).
+    model_dir: Path | None = None
+    quantized: bool = True  # prefer *.int8.onnx files when both are present
+    threads: int = Field(default=2, ge=1, le=64)
+
+
+class SherpaOfflineAsrConfig(_AsrCommon):
+    """Non-streaming models (Whisper, SenseVoice, paraformer) with re-decoded partials."""
+
+    backend: Literal["sherpa-offline"] = "sherpa-offline"
+    model_type: Literal["whisper", "sense_voice", "paraformer"] = "whisper"
+    language: str = "en"  # whisper: en, zh, de, ...; "" lets a multilingual model detect it
+    tail_paddings: int = Field(default=-1, ge=-1, le=3000)  # whisper: frames; -1 = sherpa's
+    partials: bool = True
+    partial_interval_ms: int = Field(default=400, ge=50, le=10_000)
+    partial_min_audio_ms: int = Field(default=300, ge=0, le=10_000)
+
+
+class SherpaOnlineAsrConfig(_AsrCommon):
+    """True streaming models (transducer, paraformer, zipformer2-CTC)."""
+
+    backend: Literal["sherpa-online"] = "sherpa-online"
+    model: str = "streaming-zipformer-bilingual-zh-en"
+    model_type: Literal["transducer", "paraformer", "zipformer2_ctc"] = "transducer"
+    decoding_method: Literal["greedy_search", "modified_beam_search"] = "greedy_search"
+
+
+AsrConfig = Annotated[SherpaOfflineAsrConfig | SherpaOnlineAsrConfig,
+                      Field(discriminator="backend")]
+
+
 class GateConfig(_Model):
     """Push-to-talk gate: which audio is speech for the agent."""
 
@@ -143,6 +178,7 @@ class Config(_Model):
     vad: VadConfig = WebrtcVadConfig()
     segmenter: SegmenterConfig = SegmenterConfig()
     gate: GateConfig = GateConfig()
+    asr: AsrConfig = SherpaOfflineAsrConfig()
     events: EventsConfig = EventsConfig()
     mqtt: MqttConfig = MqttConfig()
     api: ApiConfig = ApiConfig()

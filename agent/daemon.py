@@ -30,10 +30,12 @@ class Daemon:
     def __init__(self, cfg: Config, events_target: str | None = None,
                  analysers: list[Analyser] | None = None,
                  source: AudioSource | None = None) -> None:
+        """`analysers=None` builds them from the config (ASR ...) when `run()` starts."""
         self.cfg = cfg
         self.bus = EventBus()
         self.pub = Publisher(self.bus, cfg.device_id)
         self.gate = GateController(cfg.gate.mode, self.pub, cfg.gate.max_hold_s)
+        self._build_analysers = analysers is None
         self.hub = AnalyserHub(analysers or [], self.pub)
         self.events_target = events_target
         self.source = source or make_source(cfg.audio, on_error=self.report)
@@ -57,7 +59,31 @@ class Daemon:
             self.end_reason.append("shutdown")
         self.source.stop()
 
+    def _load_analysers(self) -> list[Analyser]:
+        """Load configured models; a model that fails is reported and left out."""
+        out: list[Analyser] = []
+        asr = self.cfg.asr
+        if asr.enabled:
+            from agent.asr.analyser import AsrAnalyser
+            from agent.asr.sherpa import make_engine
+            from agent.config import SherpaOfflineAsrConfig
+
+            try:
+                engine = make_engine(asr)
+            except AgentError as e:
+                # Recognition is lost, but capture, gate and VAD events go on.
+                self.report(e)
+            else:
+                if isinstance(asr, SherpaOfflineAsrConfig):
+                    out.append(AsrAnalyser(engine, asr.partials, asr.partial_interval_ms,
+                                           asr.partial_min_audio_ms))
+                else:
+                    out.append(AsrAnalyser(engine))
+        return out
+
     async def _pipeline(self) -> None:
+        if self._build_analysers:
+            self.hub.analysers = await asyncio.to_thread(self._load_analysers)
         with ThreadPoolExecutor(1, thread_name_prefix="vad") as vad_ex:
             try:
                 await run_pipeline(self.source.chunks(), self.gate, self.vad, vad_ex, self.seg,

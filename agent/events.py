@@ -68,6 +68,28 @@ class UtteranceEnded(BaseEvent):
     reason: EndReason
 
 
+class AsrPartial(BaseEvent):
+    """Interim text of the utterance in progress; `seq` increases within an utterance."""
+
+    type: Literal["asr.partial"] = "asr.partial"
+    text: str
+    seq: int
+
+
+class AsrFinal(BaseEvent):
+    """The utterance's final transcript, with timings."""
+
+    type: Literal["asr.final"] = "asr.final"
+    text: str
+    language: str | None
+    model: str
+    audio_s: float
+    decode_ms: float
+    # From the utterance end (VAD end or PTT release) to this event.
+    eos_to_final_ms: float
+    partials: int
+
+
 class ErrorEvent(BaseEvent):
     """Something failed; `stage` and `code` are stable, `message` is for humans."""
 
@@ -79,14 +101,15 @@ class ErrorEvent(BaseEvent):
 
 
 Event = Annotated[
-    StateChanged | SpeechStarted | SpeechEnded | UtteranceStarted | UtteranceEnded | ErrorEvent,
+    StateChanged | SpeechStarted | SpeechEnded | UtteranceStarted | UtteranceEnded | AsrPartial
+    | AsrFinal | ErrorEvent,
     Field(discriminator="type"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 EVENT_TYPES: tuple[str, ...] = tuple(
     cls.model_fields["type"].default
     for cls in (StateChanged, SpeechStarted, SpeechEnded, UtteranceStarted, UtteranceEnded,
-                ErrorEvent)
+                AsrPartial, AsrFinal, ErrorEvent)
 )
 
 

@@ -6,7 +6,8 @@ import asyncio
 import logging
 import uuid
 from collections import deque
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from agent.bus import Publisher
@@ -25,6 +26,8 @@ class GateMarker:
     kind: Literal["open", "close", "reset"]
     session_id: str | None
     reason: str
+    # When the command arrived: PTT release -> final latency is measured from here.
+    mono: float = field(default_factory=time.monotonic)
 
 
 def new_id() -> str:

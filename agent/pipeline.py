@@ -120,7 +120,7 @@ class Segmentation:
             self.hub.audio(self.utt, np.concatenate(parts))
         self.next_fwd = upto
 
-    def _apply(self, kind: str, frame: int, reason: str = "") -> None:
+    def _apply(self, kind: str, frame: int, reason: str = "", mono: float | None = None) -> None:
         sid = self.session_id
         if kind == "speech_start":
             self.pub.emit(SpeechStarted, session_id=sid, audio_offset_s=self.seconds(frame))
@@ -141,7 +141,7 @@ class Segmentation:
             self.pub.emit(UtteranceEnded, session_id=sid, utterance_id=utt.id,
                           audio_start_s=utt.start_s, audio_end_s=end_s,
                           duration_s=round(end_s - utt.start_s, 6), reason=reason)
-            self.hub.end(utt, end_s, reason)
+            self.hub.end(utt, end_s, reason, mono)
 
     def frames(self, item: Frames) -> None:
         """Feed decided frames."""
@@ -159,10 +159,10 @@ class Segmentation:
         self.history.clear()
         self.seg.open_at(0)
 
-    def close(self, reason: str) -> None:
-        """End the utterance in progress with `reason`."""
+    def close(self, reason: str, mono: float | None = None) -> None:
+        """End the utterance in progress with `reason` (the command's time in `mono`)."""
         for ev in self.seg.flush(reason):
-            self._apply(ev.kind, ev.frame, ev.reason)
+            self._apply(ev.kind, ev.frame, ev.reason, mono)
 
 
 async def run_pipeline(chunks: AsyncIterator[np.ndarray], gate: GateController, vad: Vad,
@@ -179,8 +179,8 @@ async def run_pipeline(chunks: AsyncIterator[np.ndarray], gate: GateController, 
             seg.close("ptt_stop")
             pending_session = item.session_id
         elif item.kind == "close":
-            seg.close("ptt_stop")
+            seg.close("ptt_stop", item.mono)
         else:
-            seg.close("reset")
+            seg.close("reset", item.mono)
     # end_reason is filled by the daemon: end_of_stream, or shutdown on a signal.
     seg.close(end_reason[0] if end_reason else "end_of_stream")

@@ -128,9 +128,9 @@ def pulse_server(rate: int = 48000, start_timeout: float = 15.0) -> Iterator[Pul
     daemon_env.pop("DBUS_SESSION_BUS_ADDRESS", None)
     cmd = [
         "pulseaudio", "--daemonize=no", "--system=false", "-n", "--exit-idle-time=-1",
-        "--disallow-exit", "--use-pid-file=false", "--log-target=stderr", "--log-level=notice",
+        "--disallow-exit", "--use-pid-file=false", "--log-target=stderr", os.environ.get("PULSE_TEST_LOG_LEVEL", "--log-level=notice"),
         "--realtime=false", "--high-priority=false", "--no-cpu-limit=true",
-        "--resample-method=soxr-vhq",
+        os.environ.get("PULSE_TEST_RESAMPLE", "--resample-method=soxr-vhq"),
         f"--load=module-native-protocol-unix socket={sock} auth-anonymous=1",
         f"--load=module-null-sink sink_name={SINK} rate={rate}",
         f"--load=module-remap-source master={SINK}.monitor source_name={SOURCE}",

@@ -1,0 +1,1 @@
+"""Speech recognition engines (sherpa-onnx) and the ASR utterance analyser."""

@@ -1,0 +1,58 @@
+"""The ASR engine interface: synchronous sessions, run by the analyser in worker threads."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """Text of one decode."""
+
+    text: str
+    language: str | None = None
+
+
+class AsrSession(abc.ABC):
+    """One utterance. `feed` is called in order; `finish` once, at the end."""
+
+    #: True: `feed` decodes incrementally and returns the partial text (run in a worker).
+    #: False: `feed` only buffers (cheap, on the loop); `partial` re-decodes the buffer.
+    streaming = False
+
+    @abc.abstractmethod
+    def feed(self, samples: np.ndarray) -> str | None:
+        """Accept float32 16 kHz mono samples; streaming sessions return the partial text."""
+
+    def partial(self) -> str:
+        """Re-decode what has been fed so far (offline sessions)."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def finish(self) -> Transcript:
+        """Final decode of the whole utterance."""
+
+    @property
+    @abc.abstractmethod
+    def fed_samples(self) -> int:
+        """Samples accepted so far."""
+
+
+class AsrEngine(abc.ABC):
+    """A loaded model; creates one session per utterance. Thread-safe across sessions."""
+
+    model_id = ""
+    language: str | None = None
+
+    @abc.abstractmethod
+    def session(self) -> AsrSession:
+        """A fresh session."""
+
+    def transcribe(self, audio: np.ndarray) -> Transcript:
+        """Decode a whole recording (float32 16 kHz mono) in one go."""
+        s = self.session()
+        s.feed(audio)
+        return s.finish()

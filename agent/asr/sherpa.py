@@ -1,0 +1,193 @@
+"""sherpa-onnx ASR backends: offline (re-decoded partials) and online (true streaming)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.asr.base import AsrEngine, AsrSession, Transcript
+from agent.asr.files import check_files, resolve_files
+from agent.config import PIPELINE_RATE, SherpaOfflineAsrConfig, SherpaOnlineAsrConfig
+from agent.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+def model_directory(model: str, model_dir: Path | None) -> Path:
+    """The configured directory, or the installed location of a manifest model id."""
+    if model_dir is not None:
+        return model_dir.expanduser()
+    from agent import models
+
+    return models.path(model)
+
+
+class OfflineSession(AsrSession):
+    """Buffers the utterance; partials and the final re-decode the buffer."""
+
+    streaming = False
+
+    def __init__(self, engine: SherpaOfflineEngine) -> None:
+        self.engine = engine
+        self._chunks: list[np.ndarray] = []
+        self._n = 0
+
+    def feed(self, samples: np.ndarray) -> None:
+        """Append (cheap: safe on the event loop)."""
+        self._chunks.append(samples)
+        self._n += len(samples)
+
+    @property
+    def fed_samples(self) -> int:
+        """Samples buffered."""
+        return self._n
+
+    def _audio(self) -> np.ndarray:
+        chunks = list(self._chunks)  # snapshot: feed() may append meanwhile
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+
+    def partial(self) -> str:
+        """Decode the audio so far."""
+        return self.engine.decode(self._audio()).text
+
+    def finish(self) -> Transcript:
+        """Decode the whole utterance."""
+        return self.engine.decode(self._audio())
+
+
+class SherpaOfflineEngine(AsrEngine):
+    """sherpa_onnx.OfflineRecognizer: Whisper, SenseVoice or paraformer."""
+
+    def __init__(self, cfg: SherpaOfflineAsrConfig) -> None:
+        import sherpa_onnx
+
+        self.cfg = cfg
+        self.model_id = cfg.model if cfg.model_dir is None else str(cfg.model_dir)
+        directory = model_directory(cfg.model, cfg.model_dir)
+        files = resolve_files(directory, cfg.model_type, cfg.quantized)
+        check_files(files, cfg.model_type)
+        self.files = files
+        f = {k: str(v) for k, v in files.items()}
+        self.language = cfg.language or None
+        try:
+            if cfg.model_type == "whisper":
+                self._rec = sherpa_onnx.OfflineRecognizer.from_whisper(
+                    encoder=f["encoder"], decoder=f["decoder"], tokens=f["tokens"],
+                    language=cfg.language, task="transcribe", num_threads=cfg.threads,
+                    tail_paddings=cfg.tail_paddings,
+                )
+            elif cfg.model_type == "sense_voice":
+                self._rec = sherpa_onnx.OfflineRecognizer.from_sense_voice(
+                    model=f["model"], tokens=f["tokens"], num_threads=cfg.threads,
+                    language=cfg.language or "auto", use_itn=True,
+                )
+            else:
+                self._rec = sherpa_onnx.OfflineRecognizer.from_paraformer(
+                    paraformer=f["model"], tokens=f["tokens"], num_threads=cfg.threads,
+                )
+        except Exception as e:  # sherpa raises RuntimeError/ValueError on bad configs
+            raise ModelError("load_failed", f"cannot load {self.model_id}: {e}") from e
+        log.info("ASR %s loaded (%s)", self.model_id,
+                 ", ".join(p.name for p in files.values()))
+
+    def session(self) -> OfflineSession:
+        """A buffering session."""
+        return OfflineSession(self)
+
+    def decode(self, audio: np.ndarray) -> Transcript:
+        """One full decode (blocking; call from a worker thread)."""
+        if len(audio) < PIPELINE_RATE // 10:
+            return Transcript("", self.language)
+        stream = self._rec.create_stream()
+        stream.accept_waveform(PIPELINE_RATE, audio)
+        self._rec.decode_stream(stream)
+        res: Any = stream.result
+        lang = getattr(res, "lang", "") or self.language
+        return Transcript(res.text.strip(), (lang or "").strip("<|>") or None)
+
+
+class OnlineSession(AsrSession):
+    """Feeds a sherpa OnlineStream and decodes as audio arrives."""
+
+    streaming = True
+
+    def __init__(self, engine: SherpaOnlineEngine) -> None:
+        self.engine = engine
+        self._stream = engine._rec.create_stream()
+        self._n = 0
+        self._lock = threading.Lock()
+
+    @property
+    def fed_samples(self) -> int:
+        """Samples accepted."""
+        return self._n
+
+    def _decode(self) -> str:
+        rec = self.engine._rec
+        while rec.is_ready(self._stream):
+            rec.decode_stream(self._stream)
+        return str(rec.get_result(self._stream)).strip()
+
+    def feed(self, samples: np.ndarray) -> str:
+        """Accept and decode what is ready; returns the running text."""
+        with self._lock:
+            self._stream.accept_waveform(PIPELINE_RATE, samples)
+            self._n += len(samples)
+            return self._decode()
+
+    def finish(self) -> Transcript:
+        """Flush the model's right context and return the final text."""
+        with self._lock:
+            # Trailing silence lets the encoder see past the last word before input ends.
+            self._stream.accept_waveform(PIPELINE_RATE,
+                                         np.zeros(int(0.3 * PIPELINE_RATE), np.float32))
+            self._stream.input_finished()
+            return Transcript(self._decode(), self.engine.language)
+
+
+class SherpaOnlineEngine(AsrEngine):
+    """sherpa_onnx.OnlineRecognizer for the official streaming models."""
+
+    def __init__(self, cfg: SherpaOnlineAsrConfig) -> None:
+        import sherpa_onnx
+
+        self.cfg = cfg
+        self.model_id = cfg.model if cfg.model_dir is None else str(cfg.model_dir)
+        directory = model_directory(cfg.model, cfg.model_dir)
+        kind = "paraformer_online" if cfg.model_type == "paraformer" else cfg.model_type
+        files = resolve_files(directory, kind, cfg.quantized)
+        check_files(files, kind)
+        self.files = files
+        f = {k: str(v) for k, v in files.items()}
+        # The segmenter decides utterance ends; sherpa's endpointing stays off.
+        common = dict(tokens=f["tokens"], num_threads=cfg.threads, sample_rate=PIPELINE_RATE,
+                      feature_dim=80, decoding_method=cfg.decoding_method)
+        try:
+            if cfg.model_type == "transducer":
+                self._rec = sherpa_onnx.OnlineRecognizer.from_transducer(
+                    encoder=f["encoder"], decoder=f["decoder"], joiner=f["joiner"], **common)
+            elif cfg.model_type == "paraformer":
+                common.pop("decoding_method")
+                self._rec = sherpa_onnx.OnlineRecognizer.from_paraformer(
+                    encoder=f["encoder"], decoder=f["decoder"], **common)
+            else:
+                self._rec = sherpa_onnx.OnlineRecognizer.from_zipformer2_ctc(
+                    model=f["model"], **common)
+        except Exception as e:
+            raise ModelError("load_failed", f"cannot load {self.model_id}: {e}") from e
+        log.info("streaming ASR %s loaded", self.model_id)
+
+    def session(self) -> OnlineSession:
+        """A streaming session."""
+        return OnlineSession(self)
+
+
+def make_engine(cfg: SherpaOfflineAsrConfig | SherpaOnlineAsrConfig) -> AsrEngine:
+    """Load the configured backend (blocking: seconds for big models)."""
+    if isinstance(cfg, SherpaOfflineAsrConfig):
+        return SherpaOfflineEngine(cfg)
+    return SherpaOnlineEngine(cfg)
