@@ -12,6 +12,7 @@ from pathlib import Path
 from agent import __version__
 from agent.config import Config, load_config
 from agent.errors import AgentError, ConfigError
+from agent.models import add_models_arguments
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,13 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """`voice-agent models list|install|verify|path`: 0 ok, 1 failure, 2 usage."""
+    from agent.models import run_cli
+
+    return run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree."""
     p = argparse.ArgumentParser(prog="voice-agent", description=__doc__)
@@ -169,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("devices", help="list audio input devices")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_devices)
+
+    mo = sub.add_parser("models", help="list, install, verify and locate ONNX models")
+    add_models_arguments(mo)
+    mo.set_defaults(func=cmd_models)
     return p
 
 

@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from agent.errors import ConfigError
 
@@ -184,6 +192,17 @@ class Config(_Model):
     api: ApiConfig = ApiConfig()
     dashscope: DashscopeConfig = DashscopeConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_backends(cls, data: Any) -> Any:
+        """`vad: {aggressiveness: 1}` means the default backend, as the docs show it."""
+        if isinstance(data, dict):
+            for key, backend in (("vad", "webrtc"), ("asr", "sherpa-offline")):
+                section = data.get(key)
+                if isinstance(section, dict) and "backend" not in section:
+                    data = {**data, key: {"backend": backend, **section}}
+        return data
 
 
 def _env_overrides(env: Mapping[str, str]) -> list[tuple[list[str], Any]]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import deque
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import logging
 import os
 import re
 import shutil
@@ -120,9 +121,10 @@ def _decode_array(raw: memoryview, dtype: str, shape: tuple[int, ...]) -> np.nda
 def _dequantize(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Undo CT2 weight quantization (``q = round(w * scale)``, scale per output row)."""
     scale = scale.astype(np.float32)
-    if scale.ndim == 0 or scale.size == 1:
-        return values.astype(np.float32) / np.float32(scale.reshape(()))
-    return values.astype(np.float32) / np.expand_dims(scale, 1)
+    if scale.size != 1:
+        scale = np.expand_dims(scale, 1)  # one scale per output row (axis 0)
+    out: np.ndarray = values.astype(np.float32) / scale.astype(np.float32)
+    return out
 
 
 def read_ct2_model(paths: Sequence[Path]) -> Ct2Model:
@@ -297,6 +299,7 @@ class WhisperTokens:
         index = {t: i for i, t in enumerate(vocab)}
 
         def tid(*names: str) -> int:
+            """Id of the first of ``names`` present in the vocabulary."""
             for n in names:
                 if n in index:
                     return index[n]
@@ -399,10 +402,12 @@ def build_torch_model(w: dict[str, np.ndarray], dims: WhisperDims) -> tuple[Any,
     from torch import Tensor, nn
 
     def param(name: str) -> nn.Parameter:
+        """A frozen float32 parameter from CT2 variable ``name``."""
         arr = np.ascontiguousarray(w[name], dtype=np.float32)
         return nn.Parameter(torch.from_numpy(arr.copy()), requires_grad=False)
 
     def linear(scope: str) -> nn.Linear:
+        """nn.Linear from CT2 ``scope/weight`` (out, in) and ``scope/bias``."""
         weight = w[f"{scope}/weight"]
         lin = nn.Linear(weight.shape[1], weight.shape[0], bias=f"{scope}/bias" in w)
         lin.weight = param(f"{scope}/weight")
@@ -411,11 +416,13 @@ def build_torch_model(w: dict[str, np.ndarray], dims: WhisperDims) -> tuple[Any,
         return lin
 
     def layer_norm(scope: str) -> nn.LayerNorm:
+        """nn.LayerNorm from CT2 ``scope/gamma`` and ``scope/beta``."""
         ln = nn.LayerNorm(w[f"{scope}/gamma"].shape[0])
         ln.weight, ln.bias = param(f"{scope}/gamma"), param(f"{scope}/beta")
         return ln
 
     def conv(scope: str, stride: int) -> nn.Conv1d:
+        """nn.Conv1d (kernel 3, padding 1) from CT2 ``scope/weight`` and ``scope/bias``."""
         weight = w[f"{scope}/weight"]
         c = nn.Conv1d(weight.shape[1], weight.shape[0], weight.shape[2], stride, padding=1)
         c.weight, c.bias = param(f"{scope}/weight"), param(f"{scope}/bias")
@@ -432,9 +439,11 @@ def build_torch_model(w: dict[str, np.ndarray], dims: WhisperDims) -> tuple[Any,
         scores = (q @ k.transpose(-1, -2)) * scale
         if mask is not None:
             scores = scores + mask
-        return (scores.softmax(dim=-1) @ v).transpose(1, 2).flatten(2)
+        out: Tensor = (scores.softmax(dim=-1) @ v).transpose(1, 2).flatten(2)
+        return out
 
     def mlp(scope: str) -> nn.Sequential:
+        """Pre-norm feed-forward block: LayerNorm, Linear, GELU (erf), Linear."""
         return nn.Sequential(
             layer_norm(f"{scope}/ffn/layer_norm"),
             linear(f"{scope}/ffn/linear_0"),
@@ -446,6 +455,7 @@ def build_torch_model(w: dict[str, np.ndarray], dims: WhisperDims) -> tuple[Any,
         """Pre-norm self-attention + MLP; CT2 stores q,k,v stacked in linear_0."""
 
         def __init__(self, scope: str) -> None:
+            """Load the block's weights from CT2 ``scope``."""
             super().__init__()
             self.ln = layer_norm(f"{scope}/self_attention/layer_norm")
             self.qkv = linear(f"{scope}/self_attention/linear_0")
@@ -453,14 +463,19 @@ def build_torch_model(w: dict[str, np.ndarray], dims: WhisperDims) -> tuple[Any,
             self.mlp = mlp(scope)
 
         def forward(self, x: Tensor) -> Tensor:
+            """Run the module."""
             q, k, v = self.qkv(self.ln(x)).chunk(3, dim=-1)
             x = x + self.out(attend(q, k, v, dims.n_audio_head, dims.n_audio_state, None))
-            return x + self.mlp(x)
+            out: Tensor = x + self.mlp(x)
+            return out
 
     class Encoder(nn.Module):
         """mel (N, n_mels, T) -> per-decoder-layer cross-attention K and V (L, N, T/2, D)."""
 
+        pos: Tensor
+
         def __init__(self) -> None:
+            """Load the weights from the CT2 variables."""
             super().__init__()
             self.conv1 = conv("encoder/conv1", 1)
             self.conv2 = conv("encoder/conv2", 2)
@@ -475,6 +490,7 @@ def build_torch_model(w: dict[str, np.ndarray], dims: WhisperDims) -> tuple[Any,
             )
 
         def forward(self, mel: Tensor) -> tuple[Tensor, Tensor]:
+            """Run the module."""
             x = F.gelu(self.conv2(F.gelu(self.conv1(mel)))).permute(0, 2, 1)
             x = x + self.pos[: x.shape[1]]  # sherpa sends speech + ~1000 frames, not 3000
             for block in self.blocks:
@@ -487,6 +503,7 @@ def build_torch_model(w: dict[str, np.ndarray], dims: WhisperDims) -> tuple[Any,
         """Self-attention with an explicit KV cache, cross-attention, MLP."""
 
         def __init__(self, scope: str) -> None:
+            """Load the block's weights from CT2 ``scope``."""
             super().__init__()
             self.self_ln = layer_norm(f"{scope}/self_attention/layer_norm")
             self.self_qkv = linear(f"{scope}/self_attention/linear_0")
@@ -506,6 +523,7 @@ def build_torch_model(w: dict[str, np.ndarray], dims: WhisperDims) -> tuple[Any,
             offset: Tensor,
             mask: Tensor,
         ) -> tuple[Tensor, Tensor, Tensor]:
+            """Run the module."""
             n = x.shape[1]
             q, k, v = self.self_qkv(self.self_ln(x)).chunk(3, dim=-1)
             k_all = torch.cat([k_cache[:, :offset], k], dim=1)
@@ -525,7 +543,11 @@ def build_torch_model(w: dict[str, np.ndarray], dims: WhisperDims) -> tuple[Any,
     class Decoder(nn.Module):
         """One decoding step over ``tokens`` starting at position ``offset`` (sherpa layout)."""
 
+        pos: Tensor
+        mask: Tensor
+
         def __init__(self) -> None:
+            """Load the weights from the CT2 variables."""
             super().__init__()
             # One (D, V) matrix serves both the embedding Gather (axis 1) and the output
             # projection MatMul, so the ONNX file (and its int8 version) holds it once.
@@ -548,6 +570,7 @@ def build_torch_model(w: dict[str, np.ndarray], dims: WhisperDims) -> tuple[Any,
             cross_v: Tensor,
             offset: Tensor,
         ) -> tuple[Tensor, Tensor, Tensor]:
+            """Run the module."""
             start = offset[0]
             n = tokens.shape[1]
             emb = torch.index_select(self.emb_t, 1, tokens.reshape(-1))  # (D, N*n)
@@ -642,14 +665,18 @@ def _quantize(src: Path, dst: Path, op_types: list[str]) -> None:
     """Dynamic int8 quantization (QInt8 weights), as sherpa-onnx's export script does."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # silences "Please consider to run pre-processing ..."
+    try:
         quantize_dynamic(
             model_input=str(src),
             model_output=str(dst),
             op_types_to_quantize=op_types,
             weight_type=QuantType.QInt8,
         )
+    finally:
+        root.setLevel(level)
 
 
 @dataclass
@@ -671,6 +698,9 @@ def load_whisper(
         raise ValueError(f"expected a CT2 WhisperSpec model, got {ct2.spec!r}")
     dims = WhisperDims.from_weights(ct2.variables)
     vocab = load_vocabulary(vocab_path)
+    if len(vocab) < dims.n_vocab and vocab[-1] == "<|notimestamps|>":
+        # HF tokenizer.json may omit the timestamp tokens; CT2's vocabulary.txt has them
+        vocab += [f"<|{i * 0.02:.2f}|>" for i in range(dims.n_vocab - len(vocab))]
     if len(vocab) != dims.n_vocab:
         raise ValueError(f"vocabulary has {len(vocab)} tokens, model expects {dims.n_vocab}")
     config: dict[str, Any] = {}
@@ -717,8 +747,8 @@ def convert(
         m = load_whisper(model_bin_paths, vocab_path, config_path)
         bar.update()
         bar.set_postfix_str(steps[1])
-        torch.set_grad_enabled(False)
-        encoder, decoder = build_torch_model(m.weights, m.dims)
+        with torch.no_grad():
+            encoder, decoder = build_torch_model(m.weights, m.dims)
         bar.update()
         bar.set_postfix_str(steps[2])
         paths = {role: tmp / name for role, name in names.items()}
@@ -761,11 +791,13 @@ def _mel_filters(n_mels: int, sr: int = SAMPLE_RATE, n_fft: int = 400) -> np.nda
     min_log_mel, logstep = min_log_hz / f_sp, np.log(6.4) / 27.0
 
     def hz_to_mel(f: np.ndarray) -> np.ndarray:
+        """Slaney mel scale."""
         mel = f / f_sp
         log_part = min_log_mel + np.log(np.maximum(f, min_log_hz) / min_log_hz) / logstep
         return np.where(f >= min_log_hz, log_part, mel)
 
     def mel_to_hz(m: np.ndarray) -> np.ndarray:
+        """Inverse of hz_to_mel."""
         hz = m * f_sp
         return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), hz)
 
@@ -800,15 +832,18 @@ def log_mel(audio: np.ndarray, n_mels: int) -> np.ndarray:
     return out
 
 
-def greedy_decode(step: StepFn, dims: WhisperDims, initial: list[int], eot: int) -> list[int]:
-    """Greedy search exactly like sherpa-onnx (argmax, stop at eot or n_text_ctx/2 tokens)."""
+def greedy_decode(
+    step: StepFn, dims: WhisperDims, initial: list[int], eot: int, max_tokens: int | None = None
+) -> list[int]:
+    """Greedy search like sherpa-onnx: argmax, stop at eot or after ``max_tokens`` tokens."""
+    limit = dims.n_text_ctx // 2 if max_tokens is None else min(max_tokens, dims.n_text_ctx // 2)
     k = np.zeros((dims.n_text_layer, 1, dims.n_text_ctx, dims.n_text_state), np.float32)
     v = np.zeros_like(k)
     logits, k, v = step(np.array([initial], np.int64), k, v, np.array([0], np.int64))
     offset = len(initial)
     token = int(logits[0, -1].argmax())
     out: list[int] = []
-    for _ in range(dims.n_text_ctx // 2):
+    for _ in range(limit):
         if token == eot:
             break
         out.append(token)
@@ -838,6 +873,7 @@ def _ort_decoder(encoder: Any, decoder: Any, mel: np.ndarray) -> StepFn:
     def step(
         tokens: np.ndarray, k: np.ndarray, v: np.ndarray, offset: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One decoder call."""
         feeds = {
             "tokens": tokens,
             "in_n_layer_self_k_cache": k,
@@ -862,6 +898,7 @@ def _torch_decoder(encoder: Any, decoder: Any, mel: np.ndarray) -> StepFn:
     def step(
         tokens: np.ndarray, k: np.ndarray, v: np.ndarray, offset: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One decoder call."""
         with torch.no_grad():
             out = decoder(
                 torch.from_numpy(tokens),
@@ -877,10 +914,30 @@ def _torch_decoder(encoder: Any, decoder: Any, mel: np.ndarray) -> StepFn:
     return step
 
 
-def normalize_text(text: str) -> list[str]:
-    """Lowercase, drop punctuation, split into words."""
+_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen"
+).split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def _number_words(n: int) -> list[str]:
+    """Spell 0..99 in words (enough for the test set's card names)."""
+    if n < 20:
+        return [_ONES[n]]
+    return [_TENS[n // 10]] + ([_ONES[n % 10]] if n % 10 else [])
+
+
+def normalize_text(text: str, spell_numbers: bool = False) -> list[str]:
+    """Lowercase, drop punctuation, split into words; optionally spell numbers 0..99."""
     table = str.maketrans({c: " " for c in string.punctuation + "“”‘’—–…"})
-    return text.lower().translate(table).split()
+    words = text.lower().translate(table).split()
+    if not spell_numbers:
+        return words
+    out: list[str] = []
+    for word in words:
+        out.extend(_number_words(int(word)) if word.isdigit() and int(word) < 100 else [word])
+    return out
 
 
 def word_errors(ref: list[str], hyp: list[str]) -> int:
@@ -933,15 +990,20 @@ def parity_check(
     }
     same = dict.fromkeys(sessions, 0)
     for wav in wavs:
-        mel = log_mel(_read_wav(wav), m.dims.n_mels)
+        audio = _read_wav(wav)
+        mel = log_mel(audio, m.dims.n_mels)
+        limit = int(len(audio) // 160 * 6 / 100)  # sherpa: at most 6 tokens per second
         ref = greedy_decode(
-            _torch_decoder(encoder_t, decoder_t, mel), m.dims, initial, m.tokens.eot
+            _torch_decoder(encoder_t, decoder_t, mel), m.dims, initial, m.tokens.eot, limit
         )
         line = [f"  {wav.name}: torch {len(ref)} tokens"]
         for kind, (enc, dec) in sessions.items():
-            hyp = greedy_decode(_ort_decoder(enc, dec, mel), m.dims, initial, m.tokens.eot)
+            hyp = greedy_decode(_ort_decoder(enc, dec, mel), m.dims, initial, m.tokens.eot, limit)
             same[kind] += hyp == ref
             line.append(f"{kind} {'==' if hyp == ref else '!='}")
+            if hyp != ref:
+                diff = b"".join(m.tokens.token_bytes(t) for t in hyp if t < m.tokens.eot)
+                line.append(f"[{kind}: {diff.decode('utf-8', 'replace').strip()}]")
         text = b"".join(m.tokens.token_bytes(t) for t in ref if t < m.tokens.eot)
         print(", ".join(line), "|", text.decode("utf-8", "replace").strip())
     for kind, n in same.items():
@@ -973,7 +1035,7 @@ def sherpa_eval(
             num_threads=threads,
         )
         load_s = time.perf_counter() - t0
-        errors = words = 0
+        errors = words = errors_sp = words_sp = 0
         audio_s = decode_s = 0.0
         for wav in wavs:
             audio = _read_wav(wav)
@@ -990,15 +1052,21 @@ def sherpa_eval(
                 e = word_errors(normalize_text(ref), normalize_text(hyp))
                 errors += e
                 words += len(normalize_text(ref))
-                msg += f"  (errors {e})"
+                ref_sp = normalize_text(ref, spell_numbers=True)
+                e_sp = word_errors(ref_sp, normalize_text(hyp, spell_numbers=True))
+                errors_sp += e_sp
+                words_sp += len(ref_sp)
+                msg += f"  (errors {e}, {e_sp} with numbers spelled)"
             print(msg)
         wer = errors / words if words else float("nan")
+        wer_sp = errors_sp / words_sp if words_sp else float("nan")
         rtf = decode_s / audio_s if audio_s else float("nan")
         print(
-            f"sherpa {kind}: WER {wer:.2%} ({errors}/{words} words), RTF {rtf:.3f} "
-            f"({decode_s:.2f}s for {audio_s:.1f}s audio, {threads} threads), load {load_s:.2f}s"
+            f"sherpa {kind}: WER {wer:.2%} ({errors}/{words} words; {wer_sp:.2%} with numbers "
+            f"spelled), RTF {rtf:.3f} ({decode_s:.2f}s for {audio_s:.1f}s audio, "
+            f"{threads} threads), load {load_s:.2f}s"
         )
-        results[kind] = {"wer": wer, "rtf": rtf, "errors": errors, "words": words}
+        results[kind] = {"wer": wer, "wer_numbers_spelled": wer_sp, "rtf": rtf}
     return results
 
 
@@ -1029,6 +1097,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="leave the decoder token embedding fp32 (sherpa's default recipe; larger file)",
     )
     p.add_argument("--check-dir", type=Path, help="dir of 16 kHz wavs (+ transcripts.tsv)")
+    p.add_argument(
+        "--check-only", action="store_true", help="skip conversion; check existing files"
+    )
     p.add_argument("--check-language", default="en", help="language passed to sherpa in checks")
     p.add_argument("--threads", type=int, default=2, help="threads for the checks")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -1039,18 +1110,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
     args = _parse_args(argv)
     bins = [args.model_bin, *args.model_bin_part]
-    t0 = time.perf_counter()
-    files = convert(
-        bins,
-        args.vocab,
-        args.out_dir,
-        args.prefix,
-        config_path=args.config,
-        keep_fp32=not args.no_fp32,
-        progress=not args.quiet,
-        quantize_embedding=not args.no_quantize_embedding,
-    )
-    print(f"converted in {time.perf_counter() - t0:.1f}s")
+    if args.check_only:
+        files = {
+            role: args.out_dir / name
+            for role, name in output_names(args.prefix).items()
+            if (args.out_dir / name).exists()
+        }
+    else:
+        t0 = time.perf_counter()
+        files = convert(
+            bins,
+            args.vocab,
+            args.out_dir,
+            args.prefix,
+            config_path=args.config,
+            keep_fp32=not args.no_fp32,
+            progress=not args.quiet,
+            quantize_embedding=not args.no_quantize_embedding,
+        )
+        print(f"converted in {time.perf_counter() - t0:.1f}s")
     for role, path in files.items():
         print(f"  {role:13s} {path}  {path.stat().st_size / 1e6:.1f} MB")
     if args.check_dir:

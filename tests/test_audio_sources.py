@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import shutil
 import subprocess
@@ -81,8 +82,8 @@ async def test_48k_stereo_is_downmixed_and_resampled(tmp_path: Path) -> None:
 async def test_m4a_via_ffmpeg(tmp_path: Path) -> None:
     ref = reference()
     path = tmp_path / "clip.m4a"
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(ASR_EN / CLIP), "-c:a", "aac",
-                    str(path)], check=True)
+    cmd = ["ffmpeg", "-loglevel", "error", "-i", str(ASR_EN / CLIP), "-c:a", "aac", str(path)]
+    await asyncio.to_thread(subprocess.run, cmd, check=True)
     got = await collect(FileSource(path, 30))
     assert similarity(got, ref) >= 0.95
 

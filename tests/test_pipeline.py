@@ -26,6 +26,7 @@ from agent.events import BaseEvent, UtteranceEnded
 from .conftest import REPO
 
 TOLERANCE_S = 0.25
+NO_ASR = {"VOICE_AGENT__ASR__ENABLED": "false"}  # for tests about audio and VAD alone
 Spans = list[tuple[float, float]]
 
 
@@ -55,7 +56,7 @@ def test_vad_mode_finds_each_utterance(backend: str, joined_recording: tuple[Pat
                                        ) -> None:
     path, spans = joined_recording
     rc, events, err = run_cli("run", "--source", f"file:{path}", "--mode", "vad",
-                              "--events", "-", env={"VOICE_AGENT__VAD__BACKEND": backend})
+                              "--events", "-", env={"VOICE_AGENT__VAD__BACKEND": backend, **NO_ASR})
     assert rc == 0, err
     check_boundaries(events, spans)
     assert all(e["device_id"] for e in events)
@@ -69,7 +70,7 @@ def test_stdin_source(joined_recording: tuple[Path, Spans]) -> None:
     path, spans = joined_recording
     pcm, _ = sf.read(path, dtype="int16")
     rc, events, err = run_cli("run", "--source", "stdin", "--mode", "vad", "--events", "-",
-                              stdin=pcm.tobytes())
+                              stdin=pcm.tobytes(), env=NO_ASR)
     assert rc == 0, err
     check_boundaries(events, spans)
 
@@ -122,7 +123,7 @@ class Recorder(Analyser):
 
 async def run_daemon(mode: str, source: AudioSource, analysers: list[Analyser] | None = None,
                      **env: str) -> tuple[Daemon, list[BaseEvent], int]:
-    cfg = load_config(None, env={"VOICE_AGENT__GATE__MODE": mode, **env})
+    cfg = load_config(None, env={"VOICE_AGENT__GATE__MODE": mode, **NO_ASR, **env})
     d = Daemon(cfg, analysers=analysers, source=source)
     if isinstance(source, ScriptedSource):
         source.gate_handle = d.gate.handle  # type: ignore[assignment]
@@ -189,18 +190,18 @@ async def test_analysers_run_in_parallel_and_fail_alone(joined_recording: tuple[
 def test_corrupt_and_missing_files_fail_clearly(tmp_path: Path) -> None:
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage" + os.urandom(2000))
-    rc, events, err = run_cli("run", "--source", f"file:{bad}", "--events", "-")
+    rc, events, err = run_cli("run", "--source", f"file:{bad}", "--events", "-", env=NO_ASR)
     assert rc == 1
     errs = [e for e in events if e["type"] == "error"]
     assert errs and errs[0]["stage"] == "audio" and errs[0]["code"] == "corrupt"
     assert str(bad) in errs[0]["message"] and "Traceback" not in err
     rc, events, err = run_cli("run", "--source", f"file:{tmp_path / 'nope.flac'}",
-                              "--events", "-")
+                              "--events", "-", env=NO_ASR)
     assert rc == 1 and [e["code"] for e in events if e["type"] == "error"] == ["not_found"]
 
 
 def test_unknown_mic_keeps_daemon_alive_and_retrying() -> None:
-    env = {**os.environ, "VOICE_AGENT__AUDIO__RETRY_INITIAL_S": "0.2",
+    env = {**os.environ, **NO_ASR, "VOICE_AGENT__AUDIO__RETRY_INITIAL_S": "0.2",
            "VOICE_AGENT__AUDIO__RETRY_MAX_S": "0.4"}
     p = subprocess.Popen([sys.executable, "-m", "agent", "run", "--source",
                           "mic:no-such-microphone-xyz", "--events", "-"],

@@ -56,3 +56,33 @@ class AsrEngine(abc.ABC):
         s = self.session()
         s.feed(audio)
         return s.finish()
+
+
+def collapse_loops(text: str, max_repeats: int = 2, max_ngram: int = 4) -> str:
+    """Cut greedy-decoding loops: an n-gram repeated back to back more than `max_repeats` times.
+
+    Whisper's greedy search (sherpa-onnx has no repetition guard) can loop ("5 5 5 5 5 5");
+    people rarely say the same phrase three times running, so we keep `max_repeats` copies.
+    """
+    words = text.split()
+    norm = [w.strip(".,!?;:").lower() for w in words]
+    kept: list[str] = []
+    i = 0
+    while i < len(words):
+        step = 0
+        for n in range(1, max_ngram + 1):
+            gram = norm[i:i + n]
+            if len(gram) < n:
+                break
+            reps = 1
+            while norm[i + reps * n:i + (reps + 1) * n] == gram:
+                reps += 1
+            if reps > max_repeats:
+                kept += words[i:i + n * max_repeats]
+                step = n * reps
+                break
+        if step == 0:
+            kept.append(words[i])
+            step = 1
+        i += step
+    return " ".join(kept)

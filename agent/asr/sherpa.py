@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.asr.base import AsrEngine, AsrSession, Transcript
+from agent.asr.base import AsrEngine, AsrSession, Transcript, collapse_loops
 from agent.asr.files import check_files, resolve_files
 from agent.config import PIPELINE_RATE, SherpaOfflineAsrConfig, SherpaOnlineAsrConfig
 from agent.errors import ModelError
@@ -107,7 +107,10 @@ class SherpaOfflineEngine(AsrEngine):
         self._rec.decode_stream(stream)
         res: Any = stream.result
         lang = getattr(res, "lang", "") or self.language
-        return Transcript(res.text.strip(), (lang or "").strip("<|>") or None)
+        text = res.text.strip()
+        if self.cfg.model_type == "whisper":
+            text = collapse_loops(text)
+        return Transcript(text, (lang or "").strip("<|>") or None)
 
 
 class OnlineSession(AsrSession):
