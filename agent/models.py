@@ -138,12 +138,15 @@ class WhisperCt2Recipe(_Strict):
     vocab: Role
     config: Role | None = None
     quantize_embedding: bool = True
+    # false: install the fp32 files instead (accuracy/speed baseline for the int8 default)
+    quantize: bool = True
 
     def output_names(self) -> dict[str, str]:
         """Installed file role -> name (same names as conversion.whisper_ct2_to_onnx)."""
+        q = ".int8" if self.quantize else ""
         return {
-            "encoder": f"{self.prefix}-encoder.int8.onnx",
-            "decoder": f"{self.prefix}-decoder.int8.onnx",
+            "encoder": f"{self.prefix}-encoder{q}.onnx",
+            "decoder": f"{self.prefix}-decoder{q}.onnx",
             "tokens": f"{self.prefix}-tokens.txt",
         }
 
@@ -794,7 +797,7 @@ def _run_whisper_ct2(
             out,
             recipe.prefix,
             config_path=staged[recipe.config] if recipe.config else None,
-            keep_fp32=False,
+            keep_fp32=not recipe.quantize,
             progress=progress,
             quantize_embedding=recipe.quantize_embedding,
         )
@@ -803,7 +806,8 @@ def _run_whisper_ct2(
     except Exception as e:  # conversion errors come in many types (ValueError, torch, onnx)
         raise ModelError("conversion_failed", f"whisper-ct2 {recipe.prefix}: "
                          f"{type(e).__name__}: {e}") from e
-    mapping = {"encoder": "encoder_int8", "decoder": "decoder_int8", "tokens": "tokens"}
+    q = "_int8" if recipe.quantize else ""
+    mapping = {"encoder": f"encoder{q}", "decoder": f"decoder{q}", "tokens": "tokens"}
     result: dict[str, Path] = {}
     for role, conv_role in mapping.items():
         p = produced.get(conv_role)
