@@ -227,3 +227,27 @@ def test_unknown_mic_keeps_daemon_alive_and_retrying() -> None:
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_sigterm_finishes_current_utterance(joined_recording: tuple[Path, Spans]) -> None:
+    path, spans = joined_recording
+    p = subprocess.Popen([sys.executable, "-m", "agent", "run", "--source", f"file:{path}",
+                          "--realtime", "--mode", "vad", "--events", "-"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, **NO_ASR}, cwd=REPO)
+    try:
+        assert p.stdout is not None
+        # Wait for the first utterance to start (the first clip starts at 0 s), then stop.
+        for line in p.stdout:
+            if json.loads(line)["type"] == "utterance.started":
+                break
+        time.sleep(1.0)
+        p.send_signal(signal.SIGTERM)
+        rest = [json.loads(line) for line in p.stdout]
+        assert p.wait(timeout=15) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    ended = [e for e in rest if e["type"] == "utterance.ended"]
+    assert [e["reason"] for e in ended] == ["shutdown"]
+    assert 0.5 < ended[0]["audio_end_s"] < spans[0][1]
