@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+from agent import __version__
 from agent.analysers import Analyser, AnalyserHub
+from agent.asr.base import AsrEngine
 from agent.audio.base import AudioSource, make_source
 from agent.bus import EventBus, Publisher
 from agent.config import Config
@@ -17,11 +21,30 @@ from agent.events import ErrorEvent
 from agent.gate import GateController
 from agent.pipeline import Segmentation, run_pipeline
 from agent.sinks import jsonl_sink
+from agent.state import StateTracker
 from agent.vad.base import make_vad
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 5.0
+
+
+class Service(abc.ABC):
+    """A front-end that lives as long as the daemon (MQTT, HTTP API).
+
+    Built in `Daemon.__init__` so it can subscribe to the bus before the first event; `run()`
+    returns once `daemon.stopped` is set (after the bus closed and its subscription drained).
+    A service that fails is reported as an `error` event; the daemon goes on without it.
+    """
+
+    name = "service"
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    @abc.abstractmethod
+    async def run(self) -> None:
+        """Serve until the daemon stops."""
 
 
 class Daemon:
@@ -44,7 +67,12 @@ class Daemon:
                                 self.gate.session_id)
         self.end_reason: list[str] = []
         self.failed: AgentError | None = None
-        self.ready = asyncio.Event()
+        self.ready = asyncio.Event()  # models loaded, audio flowing
+        self.stopped = asyncio.Event()  # pipeline done, bus closed: services wind down
+        self.asr_engine: AsrEngine | None = None
+        self.state = StateTracker()
+        self._state_sub = self.bus.subscribe(cfg.events.queue_size, name="state")
+        self.services: list[Service] = self._build_services()
 
     def report(self, err: AgentError, fatal: bool = False) -> None:
         """Log an error and publish it as an `error` event."""
@@ -58,6 +86,42 @@ class Daemon:
             log.info("shutting down")
             self.end_reason.append("shutdown")
         self.source.stop()
+
+    def _build_services(self) -> list[Service]:
+        """Front-ends enabled in the config."""
+        out: list[Service] = []
+        if self.cfg.mqtt.enabled:
+            from agent.mqtt.service import MqttService
+
+            out.append(MqttService(self))
+        if self.cfg.api.enabled:
+            from agent.api.server import ApiService
+
+            out.append(ApiService(self))
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        """Current state: gate, utterance, last final, models (for status topics and APIs)."""
+        return {
+            "device_id": self.cfg.device_id,
+            "version": __version__,
+            "gate": self.gate.snapshot(),
+            "current_utterance": self.state.current_utterance,
+            "last_final": self.state.last_final,
+            "models": {"asr": self.asr_engine.model_id if self.asr_engine else None,
+                       "vad": self.vad.name},
+            "uptime_s": round(self.state.uptime_s, 1),
+        }
+
+    async def _serve(self, svc: Service) -> None:
+        try:
+            await svc.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("service %s failed", svc.name)
+            err = e if isinstance(e, AgentError) else AgentError(type(e).__name__, str(e))
+            self.pub.emit(ErrorEvent, stage=svc.name, code=err.code, message=err.message)
 
     def _load_analysers(self) -> list[Analyser]:
         """Load configured models; a model that fails is reported and left out."""
@@ -74,6 +138,7 @@ class Daemon:
                 # Recognition is lost, but capture, gate and VAD events go on.
                 self.report(e)
             else:
+                self.asr_engine = engine
                 if isinstance(asr, SherpaOfflineAsrConfig):
                     out.append(AsrAnalyser(engine, asr.partials, asr.partial_interval_ms,
                                            asr.partial_min_audio_ms))
@@ -84,6 +149,7 @@ class Daemon:
     async def _pipeline(self) -> None:
         if self._build_analysers:
             self.hub.analysers = await asyncio.to_thread(self._load_analysers)
+        self.ready.set()
         with ThreadPoolExecutor(1, thread_name_prefix="vad") as vad_ex:
             try:
                 await run_pipeline(self.source.chunks(), self.gate, self.vad, vad_ex, self.seg,
@@ -97,6 +163,7 @@ class Daemon:
         await self.hub.close()
         # Closing the bus lets every sink drain what it holds and finish.
         self.bus.close()
+        self.stopped.set()
 
     async def run(self) -> int:
         """Run until the source ends or a signal arrives."""
@@ -109,8 +176,10 @@ class Daemon:
                 if self.events_target:
                     sub = self.bus.subscribe(self.cfg.events.queue_size, name="jsonl")
                     tg.create_task(jsonl_sink(sub, self.events_target), name="jsonl-sink")
+                tg.create_task(self.state.follow(self._state_sub), name="state")
+                for svc in self.services:
+                    tg.create_task(self._serve(svc), name=svc.name)
                 tg.create_task(self._pipeline(), name="pipeline")
-                self.ready.set()
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):

@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.asr.wer import edit_distance, normalize
+
 OPSET = 17
 SAMPLE_RATE = 16000
 # sherpa-onnx appends this many zero frames after the (normalized) features; see
@@ -914,41 +916,12 @@ def _torch_decoder(encoder: Any, decoder: Any, mel: np.ndarray) -> StepFn:
     return step
 
 
-_ONES = (
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-    "fifteen sixteen seventeen eighteen nineteen"
-).split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-
-
-def _number_words(n: int) -> list[str]:
-    """Spell 0..99 in words (enough for the test set's card names)."""
-    if n < 20:
-        return [_ONES[n]]
-    return [_TENS[n // 10]] + ([_ONES[n % 10]] if n % 10 else [])
-
-
 def normalize_text(text: str, spell_numbers: bool = False) -> list[str]:
-    """Lowercase, drop punctuation, split into words; optionally spell numbers 0..99."""
+    """Lowercase, drop punctuation, split into words; optionally the daemon's normalizer."""
+    if spell_numbers:
+        return normalize(text)
     table = str.maketrans({c: " " for c in string.punctuation + "“”‘’—–…"})
-    words = text.lower().translate(table).split()
-    if not spell_numbers:
-        return words
-    out: list[str] = []
-    for word in words:
-        out.extend(_number_words(int(word)) if word.isdigit() and int(word) < 100 else [word])
-    return out
-
-
-def word_errors(ref: list[str], hyp: list[str]) -> int:
-    """Levenshtein distance over words."""
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1]
+    return text.lower().translate(table).split()
 
 
 def _read_wav(path: Path) -> np.ndarray:
@@ -1049,11 +1022,11 @@ def sherpa_eval(
             ref = refs.get(wav.name)
             msg = f"  [{kind}] {wav.name}: {hyp}"
             if ref is not None:
-                e = word_errors(normalize_text(ref), normalize_text(hyp))
+                e = edit_distance(normalize_text(ref), normalize_text(hyp))
                 errors += e
                 words += len(normalize_text(ref))
                 ref_sp = normalize_text(ref, spell_numbers=True)
-                e_sp = word_errors(ref_sp, normalize_text(hyp, spell_numbers=True))
+                e_sp = edit_distance(ref_sp, normalize_text(hyp, spell_numbers=True))
                 errors_sp += e_sp
                 words_sp += len(ref_sp)
                 msg += f"  (errors {e}, {e_sp} with numbers spelled)"
