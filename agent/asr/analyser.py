@@ -34,6 +34,9 @@ class AsrAnalyser(Analyser):
         # Separate single threads: a final never queues behind a partial decode.
         self._final_ex = ThreadPoolExecutor(1, thread_name_prefix="asr-final")
         self._partial_ex = ThreadPoolExecutor(1, thread_name_prefix="asr-partial")
+        # Per session: samples covered by the partial decode in flight, and its future.
+        self._inflight: dict[int, int] = {}
+        self._inflight_fut: dict[int, asyncio.Future[str]] = {}
 
     async def analyse(self, utt: Utterance, audio: AsyncIterator[np.ndarray],
                       pub: Publisher) -> None:
@@ -65,10 +68,7 @@ class AsrAnalyser(Analyser):
                 session.feed(_f32(chunk))
                 fed.set()
         if ticker is not None:
-            # A decode already running in its thread finishes there; its text is dropped.
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
+            await self._stop_partials(ticker, session)
         if utt.aborted:
             return
         t0 = time.monotonic()
@@ -80,6 +80,20 @@ class AsrAnalyser(Analyser):
                  audio_s=round(session.fed_samples / PIPELINE_RATE, 3),
                  decode_ms=round(1000 * (now - t0), 1),
                  eos_to_final_ms=round(1000 * (now - end), 1), partials=seq)
+
+    async def _stop_partials(self, ticker: asyncio.Task[None], session: AsrSession) -> None:
+        """Stop partials; a decode in flight over all the audio is the final, so let it end."""
+        if self._inflight.get(id(session)) == session.fed_samples:
+            # Speculative final: the user stopped talking before the gate closed (PTT) or
+            # the VAD's silence ran out, and that decode already started.
+            fut = self._inflight_fut.get(id(session))
+            if fut is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(fut)
+        # Otherwise a decode running in its thread finishes there; its text is dropped.
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
 
     async def _partials(self, session: AsrSession, fed: asyncio.Event,
                         publish: Callable[[str], None]) -> None:
@@ -93,7 +107,13 @@ class AsrAnalyser(Analyser):
             if n < self.min_samples or n == done_at:
                 continue
             t0 = time.monotonic()
-            text = await loop.run_in_executor(self._partial_ex, session.partial)
+            fut = loop.run_in_executor(self._partial_ex, session.partial)
+            self._inflight[id(session)], self._inflight_fut[id(session)] = n, fut
+            try:
+                text = await fut
+            finally:
+                self._inflight.pop(id(session), None)
+                self._inflight_fut.pop(id(session), None)
             done_at = n
             publish(text)
             # Wait out the rest of the interval; newer audio sets `fed` again meanwhile.

@@ -31,6 +31,10 @@ class AsrSession(abc.ABC):
         """Re-decode what has been fed so far (offline sessions)."""
         raise NotImplementedError
 
+    def covered(self) -> bool:
+        """Whether a partial already decoded all audio fed (then `finish` costs nothing)."""
+        return False
+
     @abc.abstractmethod
     def finish(self) -> Transcript:
         """Final decode of the whole utterance."""

@@ -35,6 +35,8 @@ class OfflineSession(AsrSession):
         self.engine = engine
         self._chunks: list[np.ndarray] = []
         self._n = 0
+        # (samples decoded, result) of the last partial: a final over the same audio is that.
+        self._last: tuple[int, Transcript] | None = None
 
     def feed(self, samples: np.ndarray) -> None:
         """Append (cheap: safe on the event loop)."""
@@ -52,10 +54,19 @@ class OfflineSession(AsrSession):
 
     def partial(self) -> str:
         """Decode the audio so far."""
-        return self.engine.decode(self._audio()).text
+        audio = self._audio()
+        result = self.engine.decode(audio)
+        self._last = (len(audio), result)
+        return result.text
+
+    def covered(self) -> bool:
+        """Whether the last partial decoded every sample fed (the final would repeat it)."""
+        return self._last is not None and self._last[0] == self._n
 
     def finish(self) -> Transcript:
-        """Decode the whole utterance."""
+        """Decode the whole utterance (decoding is deterministic: reuse a covering partial)."""
+        if self._last is not None and self._last[0] == self._n:
+            return self._last[1]
         return self.engine.decode(self._audio())
 
 

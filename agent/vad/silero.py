@@ -19,7 +19,14 @@ WINDOW = 512
 
 
 def default_model_path() -> Path:
-    """`silero_vad.onnx` inside the installed silero-vad package (installed --no-deps)."""
+    """The `silero-vad` model from `voice-agent models install`, else the wheel's own copy."""
+    from agent import models
+    from agent.errors import ModelError
+
+    try:
+        return models.model_files("silero-vad")["model"]
+    except (ModelError, KeyError):
+        pass
     spec = importlib.util.find_spec("silero_vad")
     if spec is None or not spec.submodule_search_locations:
         raise VadError(
