@@ -139,27 +139,75 @@ class EventsConfig(_Model):
 
 
 class MqttConfig(_Model):
-    """MQTT broker connection (events out, commands in)."""
+    """MQTT front-end: events out, commands in, availability, Home Assistant discovery."""
 
     enabled: bool = False
     host: str = "localhost"
     port: int = Field(default=1883, ge=1, le=65535)
     username: str | None = None
     password: SecretStr | None = None
-    client_id: str | None = None
-    topic_prefix: str | None = None
+    client_id: str | None = None  # None: voice-agent-<device_id>
+    topic_prefix: str | None = None  # None: voice-agent/<device_id>
+    tls: bool = False  # TLS with the system CAs; implied by ca_file
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    tls_insecure: bool = False  # skip the host name check (lab brokers only)
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    event_qos: Literal[0, 1, 2] = 1
+    partial_qos: Literal[0, 1, 2] = 0
+    outbox_size: int = Field(default=10_000, ge=10, le=1_000_000)
+    outbox_persist: bool = True
+    reconnect_initial_s: float = Field(default=0.5, gt=0, le=60)
+    reconnect_max_s: float = Field(default=30.0, gt=0, le=3600)
+    shutdown_flush_s: float = Field(default=5.0, ge=0, le=300)
+    discovery: bool = True
+    discovery_prefix: str = "homeassistant"
+
+    @field_validator("topic_prefix", "discovery_prefix")
+    @classmethod
+    def _topic_prefix(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        v = v.strip("/")
+        if not v or any(c in v for c in "+#\0") or "//" in v:
+            raise ValueError("must be a non-empty MQTT topic without wildcards (+ #)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MqttConfig:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file needs cert_file (the client certificate)")
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_initial_s")
+        return self
 
 
 class ApiConfig(_Model):
-    """Local HTTP + WebSocket API."""
+    """Local HTTP + WebSocket API and the kiosk page."""
 
     enabled: bool = False
     host: str = "127.0.0.1"
-    port: int = Field(default=8765, ge=1, le=65535)
+    port: int = Field(default=8765, ge=0, le=65535)  # 0: any free port (logged)
     key: SecretStr | None = None
+    max_body_mb: float = Field(default=20.0, gt=0, le=1024)
+    max_audio_s: float = Field(default=300.0, gt=0, le=3600)
+    max_asr_sessions: int = Field(default=8, ge=0, le=1024)
+    asr_partials: bool = True
+    asr_partial_interval_ms: int = Field(default=400, ge=50, le=10_000)
+    asr_max_utterance_s: float = Field(default=30.0, ge=1, le=300)
+    ws_queue_size: int = Field(default=256, ge=8, le=100_000)
+    ws_send_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    ws_heartbeat_s: float = Field(default=20.0, gt=0, le=3600)
+    kiosk: bool = True
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().strip():
+            # An empty key would look like auth is on while it checks nothing.
+            raise ValueError("empty key: use null to turn authentication off")
+        return v
 
 
 class DashscopeConfig(_Model):

@@ -88,6 +88,8 @@ class AsrFinal(BaseEvent):
     # From the utterance end (VAD end or PTT release) to this event.
     eos_to_final_ms: float
     partials: int
+    # True when a partial decode had already covered all the audio (`decode_ms` is its time).
+    speculative: bool = False
 
 
 class ErrorEvent(BaseEvent):

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -39,7 +38,8 @@ import soundfile as sf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.asr.wer import normalize, wer  # noqa: E402
+from agent.asr.base import has_words  # noqa: E402
+from agent.asr.wer import wer  # noqa: E402
 from agent.audio.base import AudioSource  # noqa: E402
 from agent.audio.file import FileSource  # noqa: E402
 from agent.config import PIPELINE_RATE, load_config  # noqa: E402
@@ -50,6 +50,7 @@ DEFAULT_MODEL = "whisper-tiny.en-int8"
 LEAD_S, GAP_S, TAIL_S = 1.0, 1.5, 1.5  # silence before, between and after the clips
 PTT_START_S, PTT_STOP_S = 0.3, 0.25  # press before a clip starts, release after it ends
 BLOCK_MS = 30
+NOISY_PCT = 25.0  # other processes using more of a core than this make timings suspect
 # The issue's targets; they apply to the default model (the others are shown for comparison).
 TARGETS = {"wer": 0.10, "ptt_p95_ms": 300.0, "partial_p95_ms": 500.0, "rss_mb": 400.0}
 
@@ -76,11 +77,6 @@ def pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 1) if values else None
 
 
-def has_words(text: str) -> bool:
-    """Whether a transcript says anything: not empty, "[", "[BLANK_AUDIO]" or "(music)"."""
-    return bool(normalize(re.sub(r"\[[^\]]*\]?|\([^)]*\)?", " ", text)))
-
-
 def asr_config(model: str, **env: str) -> Any:
     return load_config(None, env={"VOICE_AGENT__ASR__MODEL": model, **env})
 
@@ -96,6 +92,7 @@ def offline(model: str, clips: list[dict[str, Any]], repeat: int) -> dict[str, A
     engine = make_engine(cfg)
     load_s = time.perf_counter() - t0
     engine.transcribe(clips[0]["audio"])  # warm-up (allocations, ONNX graph init)
+    t1, cpu1, busy1 = time.monotonic(), cpu_s(), machine_busy()
     per_clip = []
     for c in clips:
         secs, text = [], ""
@@ -108,6 +105,7 @@ def offline(model: str, clips: list[dict[str, Any]], repeat: int) -> dict[str, A
         per_clip.append({"file": c["file"], "audio_s": round(audio_s, 3),
                          "decode_s": round(dec, 4), "rtf": round(dec / audio_s, 4),
                          "wer": round(wer([c["ref"]], [text]), 4), "text": text})
+    others = others_pct(busy1, machine_busy(), cpu_s() - cpu1, time.monotonic() - t1)
     audio = sum(p["audio_s"] for p in per_clip)
     decode = sum(p["decode_s"] for p in per_clip)
     return {
@@ -115,6 +113,7 @@ def offline(model: str, clips: list[dict[str, Any]], repeat: int) -> dict[str, A
         "wer": round(wer([c["ref"] for c in clips], [p["text"] for p in per_clip]), 4),
         "rtf_median": round(statistics.median(p["rtf"] for p in per_clip), 4),
         "rtf_total": round(decode / audio, 4), "x_realtime": round(audio / decode, 1),
+        "others_cpu_pct": others,
         "per_clip": per_clip,
     }
 
@@ -146,6 +145,16 @@ def cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all cores from /proc/stat; (0, 0) where there is none."""
+    try:
+        f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    idle = f[3] + (f[4] if len(f) > 4 else 0)
+    return float(sum(f[:8]) - idle), float(sum(f[:8]))
+
+
 class PacedSource(AudioSource):
     """The file at real-time speed; issues gate commands when playback reaches given times.
 
@@ -165,6 +174,7 @@ class PacedSource(AudioSource):
         self.anchor = float("inf")
         self.latest = float("-inf")
         self.cpu0 = 0.0
+        self.busy0 = (0.0, 0.0)
         self.commands: list[tuple[float, str, float]] = []  # (stream s, command, mono)
 
     async def chunks(self) -> AsyncIterator[np.ndarray]:
@@ -172,7 +182,7 @@ class PacedSource(AudioSource):
         async for chunk in self.inner.chunks():
             now = time.monotonic()
             if self.first is None:
-                self.first, self.cpu0 = now, cpu_s()
+                self.first, self.cpu0, self.busy0 = now, cpu_s(), machine_busy()
             stream_s = pos / PIPELINE_RATE
             self.anchor = min(self.anchor, now - stream_s)
             self.latest = max(self.latest, now - stream_s)
@@ -187,6 +197,15 @@ class PacedSource(AudioSource):
     def stop(self) -> None:
         super().stop()
         self.inner.stop()
+
+
+def others_pct(b0: tuple[float, float], b1: tuple[float, float], own_s: float,
+               wall: float) -> float | None:
+    total = b1[1] - b0[1]
+    if total <= 0:
+        return None
+    cores_busy = (b1[0] - b0[0]) / total * (os.cpu_count() or 1)
+    return round(100 * (cores_busy - own_s / wall), 1)
 
 
 async def daemon_run(model: str, mode: str, path: Path, spans: list[tuple[float, float]]
@@ -204,13 +223,15 @@ async def daemon_run(model: str, mode: str, path: Path, spans: list[tuple[float,
     src.gate_handle = d.gate.handle
     sub = d.bus.subscribe(100_000, name="bench")
     rc = await d.run()
-    end, cpu_end = time.monotonic(), cpu_s()
+    end, cpu_end, busy_end = time.monotonic(), cpu_s(), machine_busy()
     events = [e async for e in sub]
     if rc != 0 or src.first is None:
         raise SystemExit(f"daemon exited {rc}; first chunk at {src.first}")
     wall = end - src.first
     info = {"rc": rc, "load_s": round(src.first - t0, 2), "wall_s": round(wall, 2),
             "cpu_pct": round(100 * (cpu_end - src.cpu0) / wall, 1),
+            # What the rest of the machine used meanwhile (100 = one core): noise.
+            "others_cpu_pct": others_pct(src.busy0, busy_end, cpu_end - src.cpu0, wall),
             "dropped_events": sub.dropped,
             "partial_interval_ms": cfg.asr.partial_interval_ms,
             "partial_min_audio_ms": cfg.asr.partial_min_audio_ms,
@@ -270,6 +291,7 @@ def analyse_run(mode: str, events: list[Any], src: PacedSource,
             last = fins[-1]
             row["eos_to_final_ms"] = last.eos_to_final_ms
             row["decode_ms"] = last.decode_ms
+            row["speculative"] = last.speculative
             row["final_audio_s"] = last.audio_s
             # What a listener feels: from the end of the clip's audio to its text.
             row["clip_end_to_final_ms"] = round(1000 * (last.mono - (anchor + b)), 1)
@@ -419,18 +441,19 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"\noffline (engine.transcribe per whole clip; RTF = decode s / audio s); "
           f"baseline {base}")
     print(f"{'model':22s} {'WER':>6s} {'RTF med':>8s} {'RTF tot':>8s} {'x rt':>6s} "
-          f"{'vs base':>8s} {'load s':>7s}")
+          f"{'vs base':>8s} {'load s':>7s} {'others':>6s}")
     for m, r in res.items():
         o = r["offline"]
         print(f"{m:22s} {100 * o['wer']:5.1f}% {o['rtf_median']:8.4f} {o['rtf_total']:8.4f} "
-              f"{o['x_realtime']:6.1f} {fmt(r['vs_baseline']['rtf_total'], '7.2f')}x "
-              f"{o['load_s']:7.2f}")
+              f"{o['x_realtime']:6.1f} {fmt(r['vs_baseline']['rtf'], '7.2f')}x "
+              f"{o['load_s']:7.2f} {fmt(o['others_cpu_pct'], '6.0f')}")
     print("\nreal time, ms as p50/p95 over clips. eos->final: ptt = release->final, vad = VAD "
           "end->final;\nx-check = final.mono - stop command time; partials from the true clip "
-          "start (any text / with words)")
+          "start (any text / with words);\nreused = finals that reused a partial decode; "
+          "CPU % of one core: the daemon / the rest of the machine meanwhile")
     print(f"{'model':22s} {'run':3s} {'WER':>6s} {'eos->final':>10s} {'x-check':>9s} "
           f"{'1st partial':>11s} {'1st words':>9s} {'partial':>7s} {'worded':>6s} "
-          f"{'finals':>6s} {'CPU %':>6s} {'RSS MB':>6s}")
+          f"{'finals':>6s} {'reused':>6s} {'CPU %':>5s} {'others':>6s} {'RSS MB':>6s}")
     for m, r in res.items():
         for mode in ("ptt", "vad"):
             x = r[mode]
@@ -443,7 +466,8 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{pp('release_to_final') if mode == 'ptt' else '':>9s} "
                   f"{pp('first_partial'):>11s} {pp('first_word_partial'):>9s} "
                   f"{x['with_partial']:>4d}/{n:<2d} {x['with_word_partial']:>3d}/{n:<2d} "
-                  f"{x['finals']:>3d}/{x['clips']:<2d} {x['cpu_pct']:6.1f} "
+                  f"{x['finals']:>3d}/{x['clips']:<2d} {x['reused_finals']:>6d} "
+                  f"{x['cpu_pct']:5.0f} {fmt(x['others_cpu_pct'], '6.0f')} "
                   f"{x['peak_rss_mb']:6.1f}")
     print("\nvs baseline " + base + ": " + "; ".join(
         f"{m}: " + ", ".join(f"{k} {fmt(v, '.2f')}x" for k, v in r["vs_baseline"].items())
@@ -478,6 +502,9 @@ def problems(results: dict[str, Any]) -> list[str]:
                              "enough for a partial got none")
             if x["max_chunk_lag_ms"] > 100:
                 found.append(f"audio fell up to {x['max_chunk_lag_ms']:.0f} ms behind real time")
+            if (x["others_cpu_pct"] or 0) > NOISY_PCT:
+                found.append(f"other processes used {x['others_cpu_pct']:.0f}% of a core "
+                             "meanwhile: timings are not clean")
             if x["log_warnings"]:
                 found.append(f"{len(x['log_warnings'])} log warnings")
             keys = ("eos_to_final_ms", "release_to_final_ms", "first_partial_ms")
@@ -486,6 +513,9 @@ def problems(results: dict[str, Any]) -> list[str]:
                 found.append(f"negative latency on {neg}")
             if found:
                 out.append(f"{m} {mode}: " + "; ".join(found))
+        if (r["offline"]["others_cpu_pct"] or 0) > NOISY_PCT:
+            out.append(f"{m} offline: other processes used {r['offline']['others_cpu_pct']:.0f}% "
+                       "of a core meanwhile: RTF is not clean")
     return out
 
 
@@ -550,10 +580,13 @@ def main() -> int:
         results[m]["offline"] = offline(m, clips, args.repeat)
         # Final decodes in the daemon against the same clip decoded alone: > 1 means the
         # final shared the CPU (with a partial decode still running, VAD, other processes).
+        # Finals that reused a partial covering all the audio (speculative) are left out.
         alone = {c["file"]: 1000 * c["decode_s"] for c in results[m]["offline"]["per_clip"]}
         for mode in ("ptt", "vad"):
-            ratios = [c["decode_ms"] / alone[c["clip"]] for c in results[m][mode]["per_clip"]
-                      if "decode_ms" in c and c["finals"] == 1 and alone.get(c["clip"])]
+            rows = [c for c in results[m][mode]["per_clip"] if "decode_ms" in c]
+            ratios = [c["decode_ms"] / alone[c["clip"]] for c in rows
+                      if not c["speculative"] and c["finals"] == 1 and alone.get(c["clip"])]
+            results[m][mode]["reused_finals"] = sum(c["speculative"] for c in rows)
             results[m][mode]["final_decode_vs_offline"] = (
                 round(statistics.median(ratios), 2) if ratios else None)
     b = results[base]
@@ -592,9 +625,9 @@ def main() -> int:
     }
     report["targets"] = targets(results)
     report["problems"] = problems(results)
-    print_report(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print_report(report)
     print(f"wrote {args.out} ({report['bench_wall_s']:.0f} s)")
     return 0
 

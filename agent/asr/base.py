@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,8 @@ class Transcript:
 
     text: str
     language: str | None = None
+    decode_s: float = 0.0  # time the decode that produced this text took
+    reused: bool = False  # a final that is a partial decode over the same audio
 
 
 class AsrSession(abc.ABC):
@@ -31,9 +34,6 @@ class AsrSession(abc.ABC):
         """Re-decode what has been fed so far (offline sessions)."""
         raise NotImplementedError
 
-    def covered(self) -> bool:
-        """Whether a partial already decoded all audio fed (then `finish` costs nothing)."""
-        return False
 
     @abc.abstractmethod
     def finish(self) -> Transcript:
@@ -60,6 +60,17 @@ class AsrEngine(abc.ABC):
         s = self.session()
         s.feed(audio)
         return s.finish()
+
+
+_ANNOTATION = re.compile(r"\[[^\]]*\]?|\([^)]*\)?")
+
+
+def has_words(text: str) -> bool:
+    """Whether a transcript says anything: not "", "[", "[BLANK_AUDIO]" or "(music)".
+
+    Whisper emits such fragments on too little audio or on silence.
+    """
+    return any(ch.isalnum() for ch in _ANNOTATION.sub(" ", text))
 
 
 def collapse_loops(text: str, max_repeats: int = 2, max_ngram: int = 4) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +61,10 @@ class OfflineSession(AsrSession):
         self._last = (len(audio), result)
         return result.text
 
-    def covered(self) -> bool:
-        """Whether the last partial decoded every sample fed (the final would repeat it)."""
-        return self._last is not None and self._last[0] == self._n
-
     def finish(self) -> Transcript:
         """Decode the whole utterance (decoding is deterministic: reuse a covering partial)."""
         if self._last is not None and self._last[0] == self._n:
-            return self._last[1]
+            return dataclasses.replace(self._last[1], reused=True)
         return self.engine.decode(self._audio())
 
 
@@ -113,6 +111,7 @@ class SherpaOfflineEngine(AsrEngine):
         """One full decode (blocking; call from a worker thread)."""
         if len(audio) < PIPELINE_RATE // 10:
             return Transcript("", self.language)
+        t0 = time.perf_counter()
         stream = self._rec.create_stream()
         stream.accept_waveform(PIPELINE_RATE, audio)
         self._rec.decode_stream(stream)
@@ -121,7 +120,8 @@ class SherpaOfflineEngine(AsrEngine):
         text = res.text.strip()
         if self.cfg.model_type == "whisper":
             text = collapse_loops(text)
-        return Transcript(text, (lang or "").strip("<|>") or None)
+        return Transcript(text, (lang or "").strip("<|>") or None,
+                          decode_s=time.perf_counter() - t0)
 
 
 class OnlineSession(AsrSession):
@@ -160,7 +160,9 @@ class OnlineSession(AsrSession):
             self._stream.accept_waveform(PIPELINE_RATE,
                                          np.zeros(int(0.3 * PIPELINE_RATE), np.float32))
             self._stream.input_finished()
-            return Transcript(self._decode(), self.engine.language)
+            t0 = time.perf_counter()
+            text = self._decode()
+            return Transcript(text, self.engine.language, decode_s=time.perf_counter() - t0)
 
 
 class SherpaOnlineEngine(AsrEngine):

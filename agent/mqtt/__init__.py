@@ -1,0 +1,1 @@
+"""MQTT front-end: events out, commands in, availability, outbox, Home Assistant discovery."""

@@ -1,0 +1,108 @@
+"""Broker connections from the config: auth, TLS, Last Will, backoff, error codes."""
+
+from __future__ import annotations
+
+import random
+import ssl
+from pathlib import Path
+
+import aiomqtt
+from aiomqtt.exceptions import MqttCodeError, MqttConnectError
+
+from agent.config import MqttConfig
+from agent.errors import AgentError
+from agent.mqtt.topics import OFFLINE, Topics
+
+# How long a publish may wait for its acknowledgement before the connection counts as dead.
+ACK_TIMEOUT_S = 10.0
+# Negative CONNACKs that mean "wrong credentials" (MQTT 3.1.1 codes and their v5 mapping).
+_AUTH_CODES = {4, 5, 134, 135}
+
+
+class BrokerError(AgentError):
+    """The MQTT broker cannot be reached, refused us, or the TLS set-up is wrong."""
+
+    stage = "mqtt"
+
+
+def client_id(cfg: MqttConfig, device_id: str) -> str:
+    """The configured client id, or `voice-agent-<device_id>`."""
+    return cfg.client_id or f"voice-agent-{device_id}"
+
+
+def tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
+    """TLS from `ca_file` (or the system store with `tls: true`), with an optional client cert.
+
+    Reads files: call it off the event loop. Raises BrokerError(`tls_config`).
+    """
+    if not (cfg.tls or cfg.ca_file or cfg.cert_file):
+        return None
+    try:
+        ctx = ssl.create_default_context(
+            cafile=str(Path(cfg.ca_file).expanduser()) if cfg.ca_file else None)
+        if cfg.cert_file:
+            ctx.load_cert_chain(str(Path(cfg.cert_file).expanduser()),
+                                str(Path(cfg.key_file).expanduser()) if cfg.key_file else None)
+    except (OSError, ssl.SSLError) as e:
+        files = ", ".join(str(p) for p in (cfg.ca_file, cfg.cert_file, cfg.key_file) if p)
+        raise BrokerError("tls_config", f"cannot load TLS files ({files}): {e}") from e
+    if cfg.tls_insecure:
+        ctx.check_hostname = False  # the chain is still verified
+    return ctx
+
+
+def make_client(cfg: MqttConfig, topics: Topics, device_id: str,
+                tls: ssl.SSLContext | None) -> aiomqtt.Client:
+    """A client whose Last Will marks the device `offline` (retained) if we vanish."""
+    return aiomqtt.Client(
+        cfg.host, cfg.port,
+        username=cfg.username,
+        password=cfg.password.get_secret_value() if cfg.password else None,
+        identifier=client_id(cfg, device_id),
+        # A clean session: commands sent while we were away must not run late (a stale
+        # "ptt/start" would open the microphone minutes after the fact).
+        clean_session=True,
+        will=aiomqtt.Will(topics.status, OFFLINE, qos=1, retain=True),
+        keepalive=cfg.keepalive_s,
+        timeout=ACK_TIMEOUT_S,
+        tls_context=tls,
+    )
+
+
+def classify(exc: Exception) -> BrokerError:
+    """An aiomqtt/OS failure as a BrokerError with a stable code."""
+    if isinstance(exc, BrokerError):
+        return exc
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, MqttConnectError):
+        rc = getattr(exc.rc, "value", exc.rc)
+        if rc in _AUTH_CODES:
+            return BrokerError("auth_failed", f"broker refused the credentials: {text}")
+        return BrokerError("refused", f"broker refused the connection: {text}")
+    if isinstance(exc, ssl.SSLError) or "CERTIFICATE" in text or "SSL" in text:
+        return BrokerError("tls", f"TLS handshake failed: {text}")
+    if isinstance(exc, MqttCodeError):
+        return BrokerError("disconnected", f"connection lost: {text}")
+    if "timed out" in text.lower():
+        return BrokerError("timeout", f"broker did not answer: {text}")
+    return BrokerError("unreachable", f"cannot reach the broker: {text}")
+
+
+class Backoff:
+    """Exponential reconnect delays with jitter, so many devices do not reconnect in step."""
+
+    def __init__(self, initial_s: float, max_s: float, rng: random.Random | None = None) -> None:
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self.attempt = 0
+        self._rng = rng or random.Random()
+
+    def next(self) -> float:
+        """The delay before the next attempt: in [d/2, d], d doubling up to `max_s`."""
+        d = min(self.max_s, self.initial_s * 2 ** min(self.attempt, 30))
+        self.attempt += 1
+        return self._rng.uniform(d / 2, d)
+
+    def reset(self) -> None:
+        """Connected: start again from the initial delay."""
+        self.attempt = 0

@@ -1,0 +1,329 @@
+"""The MQTT front-end service: bus -> outbox -> broker, commands -> gate, status, state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiomqtt
+
+from agent.config import Config
+from agent.daemon import Service
+from agent.events import BaseEvent
+from agent.mqtt.client import Backoff, BrokerError, classify, make_client, tls_context
+from agent.mqtt.commands import CommandRouter
+from agent.mqtt.discovery import discovery_messages
+from agent.mqtt.outbox import Entry, Outbox
+from agent.mqtt.topics import (
+    OFFLINE,
+    ONLINE,
+    RANK_FINAL,
+    REPLY_QOS,
+    Topics,
+    event_qos,
+    event_rank,
+)
+
+if TYPE_CHECKING:
+    from agent.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+# Publishes awaiting their acknowledgement at once: enough to fill a LAN round trip.
+MAX_INFLIGHT = 20
+# State changes come in bursts (utterance ended, final): publish the snapshot once per burst,
+# a little later, so the daemon's state tracker has seen the event too.
+STATE_COALESCE_S = 0.1
+# At most one `outbox_overflow` error event this often.
+DROP_REPORT_INTERVAL_S = 5.0
+STATE_EVENTS = frozenset({"state.changed", "utterance.started", "utterance.ended",
+                          "asr.final", "error"})
+# Codes worth an `error` event even in the middle of an outage: they need a human.
+_CONFIG_CODES = frozenset({"auth_failed", "refused", "tls", "tls_config"})
+
+
+def outbox_path(cfg: Config) -> Path:
+    """`<state_dir>/mqtt-outbox-<device_id>.jsonl`."""
+    return Path(cfg.state_dir).expanduser() / f"mqtt-outbox-{cfg.device_id}.jsonl"
+
+
+def _payload_bytes(payload: Any) -> bytes:
+    if payload is None:
+        return b""
+    if isinstance(payload, (bytes, bytearray)):
+        return bytes(payload)
+    return str(payload).encode()
+
+
+@dataclass
+class MqttStats:
+    """Counters for the state topic, tests and benchmarks."""
+
+    connects: int = 0
+    failures: int = 0
+    published: int = 0
+    commands: int = 0
+    connected_at: list[float] = field(default_factory=list)  # monotonic
+    offline_s: list[float] = field(default_factory=list)  # each outage, lost -> connected
+    backlog: list[int] = field(default_factory=list)  # outbox length at each connect
+    last_error: str | None = None
+
+
+class MqttService(Service):
+    """Publishes every bus event, serves commands, keeps `status` and `state` retained."""
+
+    name = "mqtt"
+
+    def __init__(self, daemon: Daemon) -> None:
+        super().__init__(daemon)
+        self.cfg = daemon.cfg.mqtt
+        self.device_id = daemon.cfg.device_id
+        self.topics = Topics.for_config(self.cfg, self.device_id)
+        self.sub = daemon.bus.subscribe(daemon.cfg.events.queue_size, name="mqtt")
+        self.outbox = Outbox(self.cfg.outbox_size,
+                             outbox_path(daemon.cfg) if self.cfg.outbox_persist else None)
+        self.router = CommandRouter(daemon.gate)
+        self.stats = MqttStats()
+        self.connected = asyncio.Event()
+        self._closing = asyncio.Event()  # the bus closed: deliver what is left, then leave
+        self._state_dirty = asyncio.Event()
+        self._backoff = Backoff(self.cfg.reconnect_initial_s, self.cfg.reconnect_max_s)
+        self._outage_since: float | None = None  # first failure of the current outage
+        self._reported: str | None = None
+        self._drops_reported = 0
+        self._persist_reported = False
+
+    # -- bus -> outbox ----------------------------------------------------------------------
+
+    def enqueue(self, ev: BaseEvent) -> Entry | None:
+        """Queue one event for `event/<type>`; never blocks the daemon."""
+        if ev.type in STATE_EVENTS:
+            self._state_dirty.set()
+        return self.outbox.put(self.topics.event(ev.type), ev.model_dump_json(),
+                               event_qos(self.cfg, ev.type), event_rank(ev.type), ev.type)
+
+    async def _feed(self) -> None:
+        async for ev in self.sub:
+            self.enqueue(ev)
+        self._closing.set()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, reconnect with backoff, and on shutdown flush, say `offline`, disconnect."""
+        with self.sub:
+            feed = asyncio.create_task(self._feed(), name="mqtt-feed")
+            try:
+                tls = await asyncio.to_thread(tls_context, self.cfg)
+                await self._connect_loop(tls)
+            finally:
+                feed.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await feed
+                if self.outbox:
+                    log.warning("MQTT: %d messages not delivered, kept for the next start%s",
+                                len(self.outbox), "" if self.outbox.path else " (not persisted)")
+                self.outbox.close()
+
+    async def _connect_loop(self, tls: ssl.SSLContext | None) -> None:
+        deadline: float | None = None
+        while True:
+            if self._closing.is_set():
+                deadline = deadline or time.monotonic() + self.cfg.shutdown_flush_s
+                if not self.outbox or time.monotonic() >= deadline:
+                    return
+            client = make_client(self.cfg, self.topics, self.device_id, tls)
+            client.pending_calls_threshold = MAX_INFLIGHT + 10
+            try:
+                async with client:
+                    await self._session(client)
+                    await client.publish(self.topics.state, self.state_payload(), qos=1,
+                                         retain=True)
+                    # Leaving on purpose: a clean disconnect suppresses the Last Will.
+                    await client.publish(self.topics.status, OFFLINE, qos=1, retain=True)
+                log.info("MQTT: disconnected from %s:%d", self.cfg.host, self.cfg.port)
+                return
+            except (aiomqtt.MqttError, OSError) as e:
+                self._failed(classify(e))
+            finally:
+                self.connected.clear()
+            delay = self._backoff.next()
+            if self._closing.is_set():
+                assert deadline is not None
+                await asyncio.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+            else:
+                log.debug("MQTT: reconnecting in %.2f s", delay)
+                with contextlib.suppress(TimeoutError):
+                    # Shutdown cuts the wait short: one more try to deliver the outbox.
+                    await asyncio.wait_for(self._closing.wait(), delay)
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        """One connection: announce, then publish, serve commands and state until it ends."""
+        await client.subscribe(self.topics.commands, qos=1)
+        if self.cfg.discovery:
+            # Home Assistant's birth message: it lost our configs, send them again.
+            await client.subscribe(f"{self.cfg.discovery_prefix}/status", qos=1)
+        await client.publish(self.topics.status, ONLINE, qos=1, retain=True)
+        if self.cfg.discovery:
+            await self._publish_discovery(client)
+        self._connected()
+        self.outbox.rewind()
+        self._state_dirty.set()
+        lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        tasks = [
+            asyncio.create_task(self._reader(client), name="mqtt-reader"),
+            asyncio.create_task(self._sender(client, lost), name="mqtt-sender"),
+            asyncio.create_task(self._state_loop(client), name="mqtt-state"),
+            asyncio.create_task(self._until_flushed(), name="mqtt-flush"),
+            asyncio.create_task(self._drop_reporter(), name="mqtt-drops"),
+        ]
+        try:
+            done, _ = await asyncio.wait([*tasks, lost], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if not lost.done():
+                lost.cancel()
+        # The connection broke: re-raise its MqttError (and retrieve every other one).
+        errors = [e for f in done if not f.cancelled() and (e := f.exception()) is not None]
+        if errors:
+            raise errors[0]
+
+    async def _until_flushed(self) -> None:
+        """Return once shutting down and the outbox is delivered (or the flush time is up)."""
+        await self._closing.wait()
+        try:
+            await asyncio.wait_for(self.outbox.wait_empty(), self.cfg.shutdown_flush_s)
+        except TimeoutError:
+            log.warning("MQTT: outbox not delivered within %.1f s", self.cfg.shutdown_flush_s)
+
+    async def _drop_reporter(self) -> None:
+        """Say how much an overflowing outbox lost, once what it kept is delivered."""
+        while True:
+            # Reported only when the outbox is empty, so the report itself pushes nothing out.
+            await self.outbox.wait_empty()
+            if self.outbox.dropped_total > self._drops_reported:
+                self._drops_reported = self.outbox.dropped_total
+                counts = ", ".join(f"{k} {v}" for k, v in sorted(self.outbox.dropped.items()))
+                self.daemon.report(BrokerError(
+                    "outbox_overflow", f"outbox full ({self.outbox.maxsize}): "
+                    f"{self._drops_reported} messages dropped since start ({counts})"))
+            await asyncio.sleep(DROP_REPORT_INTERVAL_S)
+
+    def _connected(self) -> None:
+        now = time.monotonic()
+        self.stats.connects += 1
+        self.stats.connected_at.append(now)
+        self.stats.backlog.append(len(self.outbox))
+        if self._outage_since is not None and self.stats.connects > 1:
+            self.stats.offline_s.append(now - self._outage_since)
+            log.info("MQTT: reconnected to %s:%d after %.2f s; %d messages to deliver",
+                     self.cfg.host, self.cfg.port, now - self._outage_since, len(self.outbox))
+        else:
+            log.info("MQTT: connected to %s:%d as %s", self.cfg.host, self.cfg.port,
+                     self.topics.prefix)
+        self._outage_since = None
+        self._reported = None
+        self._backoff.reset()
+        self.connected.set()
+        if self.outbox.persist_error and not self._persist_reported:
+            self._persist_reported = True
+            self.daemon.report(BrokerError("outbox_persist", self.outbox.persist_error))
+
+    def _failed(self, err: BrokerError) -> None:
+        self.stats.failures += 1
+        self.stats.last_error = err.code
+        first = self._outage_since is None
+        if first:
+            self._outage_since = time.monotonic()
+        # One event per outage (plus credential/TLS problems): a broker that stays down
+        # must not fill the outbox with its own error events.
+        if first or (err.code in _CONFIG_CODES and err.code != self._reported):
+            self._reported = err.code
+            self.daemon.report(err)
+        else:
+            log.debug("MQTT: %s", err)
+
+    # -- one connection's tasks -------------------------------------------------------------
+
+    async def _sender(self, client: aiomqtt.Client, lost: asyncio.Future[None]) -> None:
+        """Hand outbox entries to the broker in order, a window of them in flight."""
+        window = asyncio.Semaphore(MAX_INFLIGHT)
+        pending: set[asyncio.Task[None]] = set()
+
+        async def publish(entry: Entry) -> None:
+            try:
+                await client.publish(entry.topic, entry.payload, qos=entry.qos)
+            except Exception as e:
+                if not lost.done():
+                    lost.set_exception(e)
+            else:
+                # Acknowledged (QoS 1/2) or written (QoS 0): only now it leaves the outbox.
+                self.outbox.ack(entry.seq)
+                self.stats.published += 1
+            finally:
+                window.release()
+
+        try:
+            while True:
+                entry = await self.outbox.next()
+                await window.acquire()
+                # Tasks start in creation order, so paho writes the packets in outbox order.
+                t = asyncio.create_task(publish(entry))
+                pending.add(t)
+                t.add_done_callback(pending.discard)
+        finally:
+            for t in list(pending):
+                t.cancel()
+
+    async def _reader(self, client: aiomqtt.Client) -> None:
+        """Commands in; a reply for each. Raises MqttError when the connection drops."""
+        ha_status = f"{self.cfg.discovery_prefix}/status"
+        async for msg in client.messages:
+            topic = msg.topic.value
+            raw = _payload_bytes(msg.payload)
+            if topic == ha_status:
+                if raw.strip() == b"online" and self.cfg.discovery:
+                    await self._publish_discovery(client)
+                continue
+            name = self.topics.command_name(topic)
+            if name is None:
+                continue
+            if msg.retain:
+                # Replayed on subscribe: running it would repeat a stale command at every
+                # reconnect.
+                log.warning("MQTT: retained command on %s ignored", topic)
+                continue
+            self.stats.commands += 1
+            reply = self.router.handle(name, raw)
+            self.outbox.put(self.topics.reply(reply.request_id), reply.model_dump_json(),
+                            REPLY_QOS, RANK_FINAL, "reply")
+
+    async def _state_loop(self, client: aiomqtt.Client) -> None:
+        """Keep the retained `state` topic current, one publish per burst of changes."""
+        while True:
+            await self._state_dirty.wait()
+            await asyncio.sleep(STATE_COALESCE_S)
+            self._state_dirty.clear()
+            await client.publish(self.topics.state, self.state_payload(), qos=1, retain=True)
+
+    async def _publish_discovery(self, client: aiomqtt.Client) -> None:
+        for topic, payload in discovery_messages(self.topics, self.device_id,
+                                                 self.cfg.discovery_prefix):
+            await client.publish(topic, payload, qos=1, retain=True)
+
+    def state_payload(self) -> str:
+        """The daemon's snapshot plus this front-end's own counters, as JSON."""
+        snap = self.daemon.snapshot()
+        snap["mqtt"] = {"outbox": len(self.outbox), "dropped": self.outbox.dropped_total,
+                        "connects": self.stats.connects}
+        return json.dumps(snap, default=str)
+
