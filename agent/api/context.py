@@ -49,15 +49,27 @@ class DecodePool:
         finally:
             self.finals_waiting -= 1
 
-    async def partial(self, fn: Callable[..., T], *args: Any) -> T | None:
-        """Run a best-effort decode; None when skipped because finals are waiting."""
+    async def partial(self, fn: Callable[[], T],
+                      started: Callable[[asyncio.Future[T]], None] | None = None) -> T | None:
+        """Run a best-effort decode; None when skipped because finals are waiting.
+
+        `started` gets the decode's future once it runs in a thread (not while it waits for
+        a turn): a caller cancelled meanwhile can still collect the result from it.
+        """
         if self.finals_waiting:
             return None
-        async with self._partial_slots:
-            if self.finals_waiting:
-                return None
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._partial, fn, *args)
+        await self._partial_slots.acquire()
+        if self.finals_waiting:
+            self._partial_slots.release()
+            return None
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._partial, fn)
+        # The slot is free when the thread is, not when the caller stops waiting: decodes
+        # never queue inside the executor, so a started one is a running one.
+        fut.add_done_callback(lambda _: self._partial_slots.release())
+        if started is not None:
+            started(fut)
+        return await asyncio.shield(fut)
 
     def close(self) -> None:
         """Stop the threads; a decode already running finishes in its thread, unread."""

@@ -13,6 +13,7 @@ from importlib import resources
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from agent import __version__
 from agent.api import audio as upload
@@ -115,7 +116,8 @@ async def _read_upload(request: web.Request) -> bytes:
                             raise web.HTTPRequestEntityTooLarge(
                                 max_size=int(limit), actual_size=len(data))
                     return bytes(data)
-        except (ValueError, AssertionError, RuntimeError) as e:
+        except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as e:
+            # aiohttp's parser raises all of these on malformed parts and part headers.
             raise ApiError(400, "bad_multipart", f"malformed multipart body: {e}") from e
         raise ApiError(400, "no_file", "multipart body has no file part (send it as `file`)")
     if ctype == "application/json":

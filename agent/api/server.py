@@ -9,6 +9,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from agent.api import routes_http, ws_asr, ws_events
@@ -69,6 +70,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         headers = {k: v for k, v in e.headers.items()
                    if k.lower() not in ("content-type", "content-length")}
         return _error_response(e.status, _code_for(e.status), e.text or e.reason, headers)
+    except HttpProcessingError as e:
+        # A malformed body seen while a handler reads it: the client's fault, not ours.
+        status = e.code if 400 <= e.code < 500 else 400
+        return _error_response(status, "bad_request", f"malformed request: {e.message}")
     except Exception:
         # A bug: logged with its traceback, and the client still gets JSON.
         log.exception("%s %s failed", request.method, request.path)

@@ -22,14 +22,46 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from agent.api.context import CTX, ApiContext
 from agent.api.errors import ApiError
-from agent.asr.base import AsrEngine, AsrSession
-from agent.audio.convert import Resampler
-from agent.config import CAPTURE_RATES, PIPELINE_RATE
+from agent.asr.base import AsrEngine, AsrSession, Transcript, has_words
+from agent.audio.convert import Resampler, float_to_int16
+from agent.config import CAPTURE_RATES, PIPELINE_RATE, WebrtcVadConfig
 from agent.gate import new_id
+from agent.vad.webrtc import WebrtcVad
 
 log = logging.getLogger(__name__)
 
 PARTIAL_MIN_S = 0.3  # shorter audio decodes to nothing useful
+# A partial that heard the speech up to this long past its last voiced frame can be the final;
+# this much silence after speech also triggers a partial at once (the user has stopped talking).
+SPEECH_MARGIN_S = 0.15
+MARGIN = int(SPEECH_MARGIN_S * PIPELINE_RATE)
+
+
+class SpeechEnd:
+    """Where speech was last heard in a stream (lenient webrtc VAD, microseconds a frame)."""
+
+    def __init__(self) -> None:
+        self._vad = WebrtcVad(WebrtcVadConfig(aggressiveness=1, frame_ms=30))
+        self._frame = self._vad.frame_samples
+        self._buf = np.zeros(0, np.int16)
+        self._pos = 0
+        self.end = 0  # sample index just past the last voiced frame
+
+    def push(self, x: np.ndarray) -> None:
+        """Follow float32 16 kHz samples."""
+        buf = np.concatenate([self._buf, float_to_int16(x)])
+        n = len(buf) // self._frame
+        for i in range(n):
+            if self._vad.is_speech(buf[i * self._frame:(i + 1) * self._frame]):
+                self.end = self._pos + (i + 1) * self._frame
+        self._pos += n * self._frame
+        self._buf = buf[n * self._frame:]
+
+
+def _consume(fut: asyncio.Future[str]) -> None:
+    """A decode nobody waits for any more: its error (a closing pool) is not news."""
+    if not fut.cancelled() and fut.exception() is not None:
+        log.debug("abandoned partial decode failed: %s", fut.exception())
 
 
 class Utterance:
@@ -45,6 +77,12 @@ class Utterance:
         self.last_partial = ""
         self.ticker: asyncio.Task[None] | None = None
         self.closed = False
+        self.speech = SpeechEnd()
+        # The newest partial decode: samples it covers, and its text (or its future).
+        self.heard: tuple[int, str] = (0, "")
+        self.inflight: tuple[int, asyncio.Future[str]] | None = None
+        self.decoded_to = 0  # samples the newest partial decode (started) covers
+        self.endpoint = asyncio.Event()  # speech just ended: decode now, not at the interval
 
 
 class AsrConnection:
@@ -68,9 +106,18 @@ class AsrConnection:
         """Send one JSON message (a closed socket is not an error here)."""
         if self.ws.closed:
             return
-        with contextlib.suppress(ConnectionError):
-            await asyncio.wait_for(self.ws.send_str(json.dumps(payload)),
-                                   self.ctx.cfg.ws_send_timeout_s)
+        timeout = self.ctx.cfg.ws_send_timeout_s
+        try:
+            await asyncio.wait_for(self.ws.send_str(json.dumps(payload)), timeout)
+        except ConnectionError:
+            pass
+        except TimeoutError:
+            # A client that does not read its results must not hold a session forever.
+            log.warning("dropping /ws/asr client %s: a send blocked for %g s", self.peer, timeout)
+            self.ctx.metrics.ws_dropped.inc(endpoint="asr", reason="slow_client")
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.ws.close(code=WSCloseCode.POLICY_VIOLATION,
+                                                     message=b"slow_client"), 1.0)
 
     async def error(self, code: str, message: str) -> None:
         """A protocol error; the connection stays open."""
@@ -187,9 +234,14 @@ class AsrConnection:
             # Streaming engines decode in feed(): a worker thread, and never skipped.
             text = await self.ctx.pool.final(utt.session.feed, x)
             if utt.partials and text:
-                await self._send_partial(utt, text, None)
+                await self._send_partial(utt, text, None, utt.session.fed_samples)
         else:
             utt.session.feed(x)  # offline sessions only buffer: cheap enough for the loop
+            if utt.partials and self.ctx.cfg.asr_final_from_partial:
+                utt.speech.push(x)
+                end, fed = utt.speech.end, utt.session.fed_samples
+                if end and fed - end >= MARGIN and utt.decoded_to < end + MARGIN:
+                    utt.endpoint.set()
             utt.fed.set()
 
     async def _partials(self, utt: Utterance) -> None:
@@ -202,18 +254,36 @@ class AsrConnection:
             if n < PARTIAL_MIN_S * PIPELINE_RATE or n == done_at:
                 continue
             t0 = time.monotonic()
-            text = await self.ctx.pool.partial(utt.session.partial)
+            utt.decoded_to = n
+
+            def running(fut: asyncio.Future[str], n: int = n) -> None:
+                # At stop, a decode already running may still become the final.
+                fut.add_done_callback(_consume)
+                utt.inflight = (n, fut)
+
+            text = await self.ctx.pool.partial(utt.session.partial, running)
+            utt.inflight = None
             took = time.monotonic() - t0
             if text is None:  # skipped: a final is waiting somewhere
                 utt.fed.set()
             else:
                 done_at = n
+                utt.heard = (n, text)
                 self.ctx.metrics.latency.observe(took, stage="ws_asr_partial_decode")
                 if not utt.closed and text:
-                    await self._send_partial(utt, text, took)
-            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - t0)))
+                    await self._send_partial(utt, text, took, n)
+            # Wait out the interval, unless the speech just ended: a partial over the whole
+            # utterance, ready before the user lets go, is a final with no wait.
+            rest = self.interval - (time.monotonic() - t0)
+            if rest > 0 and text is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(utt.endpoint.wait(), rest)
+            elif rest > 0:
+                await asyncio.sleep(rest)
+            utt.endpoint.clear()
 
-    async def _send_partial(self, utt: Utterance, text: str, took: float | None) -> None:
+    async def _send_partial(self, utt: Utterance, text: str, took: float | None,
+                            heard: int) -> None:
         if text == utt.last_partial:
             return
         utt.last_partial = text
@@ -221,7 +291,7 @@ class AsrConnection:
         self.ctx.metrics.ws_results.inc(mode="partial")
         await self.send({"type": "result", "mode": "partial", "text": text, "seq": utt.seq,
                          "utterance_id": utt.id,
-                         "audio_s": round(utt.session.fed_samples / PIPELINE_RATE, 3),
+                         "audio_s": round(heard / PIPELINE_RATE, 3),  # what it decoded
                          "processing_time_ms": round(1000 * took, 1) if took else None})
 
     async def _stop_ticker(self, utt: Utterance) -> None:
@@ -247,7 +317,10 @@ class AsrConnection:
                 await self.feed(utt, tail[:room])
         await self.status("stopped", utterance_id=utt.id, reason=reason)
         t0 = time.monotonic()
-        result = await self.ctx.pool.final(utt.session.finish)
+        result = await self._from_partial(utt)
+        if result is None:
+            # The engine itself reuses a partial that decoded exactly all the audio.
+            result = await self.ctx.pool.final(utt.session.finish)
         now = time.monotonic()
         m = self.ctx.metrics
         m.latency.observe(now - t0, stage="ws_asr_decode")
@@ -258,8 +331,31 @@ class AsrConnection:
             "model": self.engine.model_id, "utterance_id": utt.id, "reason": reason,
             "audio_s": round(utt.session.fed_samples / PIPELINE_RATE, 3), "partials": utt.seq,
             "processing_time_ms": round(1000 * (now - t0), 1),
-            "latency_ms": round(1000 * (now - t_stop), 1),
+            "latency_ms": round(1000 * (now - t_stop), 1), "from_partial": result.reused,
         })
+
+    async def _from_partial(self, utt: Utterance) -> Transcript | None:
+        """The newest partial's text when it already heard all the speech, else None.
+
+        After the last word a push-to-talk user holds on a moment; a partial decoded (or
+        decoding) over that silence is what a final decode would say, so the client gets it
+        at once instead of after another full decode. Anything voiced after it, or any doubt,
+        means a real final decode.
+        """
+        if not (utt.partials and self.ctx.cfg.asr_final_from_partial) or utt.session.streaming:
+            return None
+        fed = utt.session.fed_samples
+        need = min(fed, utt.speech.end + MARGIN)
+        if utt.speech.end == 0:
+            return None
+        text: str | None = None
+        if utt.heard[0] >= need and utt.heard[1]:
+            text = utt.heard[1]
+        elif utt.inflight is not None and utt.inflight[0] >= need:
+            text = await utt.inflight[1]
+        if text is None or not has_words(text):
+            return None  # "[BLANK_AUDIO]" and the like: let a real decode have its say
+        return Transcript(text, self.engine.language, reused=True)
 
     def abandon(self) -> None:
         """Drop the current utterance without a result."""

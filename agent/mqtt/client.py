@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import ssl
 from pathlib import Path
@@ -17,6 +18,22 @@ from agent.mqtt.topics import OFFLINE, Topics
 ACK_TIMEOUT_S = 10.0
 # Negative CONNACKs that mean "wrong credentials" (MQTT 3.1.1 codes and their v5 mapping).
 _AUTH_CODES = {4, 5, 134, 135}
+
+
+class _LastError(logging.Handler):
+    """Keeps paho's last error line: a refused TLS client certificate only shows up there."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.last: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last = record.getMessage()
+
+
+PAHO_LOG = logging.getLogger("agent.mqtt.paho")
+_paho_errors = _LastError()
+PAHO_LOG.addHandler(_paho_errors)
 
 
 class BrokerError(AgentError):
@@ -54,6 +71,7 @@ def tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
 def make_client(cfg: MqttConfig, topics: Topics, device_id: str,
                 tls: ssl.SSLContext | None) -> aiomqtt.Client:
     """A client whose Last Will marks the device `offline` (retained) if we vanish."""
+    _paho_errors.last = None
     return aiomqtt.Client(
         cfg.host, cfg.port,
         username=cfg.username,
@@ -66,6 +84,7 @@ def make_client(cfg: MqttConfig, topics: Topics, device_id: str,
         keepalive=cfg.keepalive_s,
         timeout=ACK_TIMEOUT_S,
         tls_context=tls,
+        logger=PAHO_LOG,
     )
 
 
@@ -74,6 +93,9 @@ def classify(exc: Exception) -> BrokerError:
     if isinstance(exc, BrokerError):
         return exc
     text = str(exc) or type(exc).__name__
+    if "timed out" in text.lower() and _paho_errors.last:
+        # The socket failed before CONNACK (e.g. TLS alert): aiomqtt only saw a timeout.
+        text = f"{text} ({_paho_errors.last})"
     if isinstance(exc, MqttConnectError):
         rc = getattr(exc.rc, "value", exc.rc)
         if rc in _AUTH_CODES:

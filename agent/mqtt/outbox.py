@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from collections import Counter, deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,6 +27,11 @@ class Entry:
     qos: int
     rank: int  # drop order when full: lowest first (topics.RANK_*)
     kind: str  # event type, or "reply"
+
+    def record(self) -> dict[str, Any]:
+        """The journal form (dataclasses.asdict deep-copies: too slow per message)."""
+        return {"seq": self.seq, "topic": self.topic, "payload": self.payload, "qos": self.qos,
+                "rank": self.rank, "kind": self.kind}
 
 
 class Outbox:
@@ -87,7 +92,7 @@ class Outbox:
         self._seq += 1
         entry = Entry(self._seq, topic, payload, qos, rank, kind)
         self._add(entry)
-        self._journal({"a": asdict(entry)})
+        self._journal({"a": entry.record()})
         self._unsent.append(entry.seq)
         self._ready.set()
         self._empty.clear()
@@ -197,7 +202,7 @@ class Outbox:
         tmp = self.path.with_name(self.path.name + ".tmp")
         with tmp.open("w", encoding="utf-8") as f:
             for entry in self._entries.values():
-                f.write(json.dumps({"a": asdict(entry)}, separators=(",", ":")) + "\n")
+                f.write(json.dumps({"a": entry.record()}, separators=(",", ":")) + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)

@@ -99,6 +99,7 @@ class MqttService(Service):
         self._reported: str | None = None
         self._drops_reported = 0
         self._persist_reported = False
+        self._flush_deadline: float | None = None  # monotonic; set when shutdown begins
 
     # -- bus -> outbox ----------------------------------------------------------------------
 
@@ -132,18 +133,29 @@ class MqttService(Service):
                                 len(self.outbox), "" if self.outbox.path else " (not persisted)")
                 self.outbox.close()
 
+    def _flush_left(self) -> float:
+        """Seconds left to deliver the outbox, once shutdown has begun."""
+        if self._flush_deadline is None:
+            self._flush_deadline = time.monotonic() + self.cfg.shutdown_flush_s
+        return max(0.0, self._flush_deadline - time.monotonic())
+
     async def _connect_loop(self, tls: ssl.SSLContext | None) -> None:
-        deadline: float | None = None
         while True:
-            if self._closing.is_set():
-                deadline = deadline or time.monotonic() + self.cfg.shutdown_flush_s
-                if not self.outbox or time.monotonic() >= deadline:
-                    return
+            if self._closing.is_set() and (not self.outbox or self._flush_left() <= 0):
+                return
             client = make_client(self.cfg, self.topics, self.device_id, tls)
             client.pending_calls_threshold = MAX_INFLIGHT + 10
             try:
                 async with client:
-                    await self._session(client)
+                    try:
+                        await self._session(client)
+                    except asyncio.CancelledError:
+                        # Cancelled with the daemon: the disconnect below is a clean one, which
+                        # suppresses the Last Will, so say `offline` ourselves if we can.
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(client.publish(
+                                self.topics.status, OFFLINE, qos=1, retain=True), 1.0)
+                        raise
                     await client.publish(self.topics.state, self.state_payload(), qos=1,
                                          retain=True)
                     # Leaving on purpose: a clean disconnect suppresses the Last Will.
@@ -156,8 +168,7 @@ class MqttService(Service):
                 self.connected.clear()
             delay = self._backoff.next()
             if self._closing.is_set():
-                assert deadline is not None
-                await asyncio.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+                await asyncio.sleep(min(delay, self._flush_left()))
             else:
                 log.debug("MQTT: reconnecting in %.2f s", delay)
                 with contextlib.suppress(TimeoutError):
@@ -201,9 +212,10 @@ class MqttService(Service):
         """Return once shutting down and the outbox is delivered (or the flush time is up)."""
         await self._closing.wait()
         try:
-            await asyncio.wait_for(self.outbox.wait_empty(), self.cfg.shutdown_flush_s)
+            await asyncio.wait_for(self.outbox.wait_empty(), self._flush_left())
         except TimeoutError:
-            log.warning("MQTT: outbox not delivered within %.1f s", self.cfg.shutdown_flush_s)
+            log.warning("MQTT: outbox not delivered within %.1f s of shutdown (%d left)",
+                        self.cfg.shutdown_flush_s, len(self.outbox))
 
     async def _drop_reporter(self) -> None:
         """Say how much an overflowing outbox lost, once what it kept is delivered."""
