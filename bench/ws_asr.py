@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import json
 import os
 import platform
 import random
@@ -40,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agent.asr.wer import wer  # noqa: E402
+from bench.report import write_report  # noqa: E402
 
 SPEECH = REPO.parent / "shared" / "data" / "asr-en"
 FRAME_S = 0.1
@@ -278,8 +278,7 @@ def main() -> int:
         "machine": platform.machine(), "python": platform.python_version(),
         "cpus": os.cpu_count(), "loadavg_after": os.getloadavg(),
     })
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

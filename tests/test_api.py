@@ -27,13 +27,13 @@ from agent.api.openapi import build_spec
 from agent.api.server import ApiService
 from agent.asr.base import AsrEngine, AsrSession, Transcript
 from agent.asr.wer import wer
-from agent.audio.base import AudioSource
 from agent.config import SherpaOfflineAsrConfig, load_config
 from agent.daemon import Daemon
 from agent.errors import ConfigError, ModelError
 from agent.events import AsrFinal, ErrorEvent, UtteranceEnded
 
 from .conftest import ASR_EN, asr_en_rows, need_shared
+from .sources import SilentSource
 
 KEY = "kiosk-key-0123456789"
 MODEL = "whisper-tiny.en-int8"
@@ -42,18 +42,6 @@ BASE_ENV = {"VOICE_AGENT__API__ENABLED": "true", "VOICE_AGENT__GATE__MODE": "ptt
 # Whisper tiny.en scores ~9 % on these clips; the bound catches broken audio paths (> 50 %).
 WER_BOUND = 0.2
 WS_TIMEOUT = 20.0
-
-
-class SilentSource(AudioSource):
-    """The daemon's own microphone, quiet, in real time until stopped."""
-
-    name = "silent"
-
-    async def chunks(self) -> AsyncIterator[np.ndarray]:
-        while not self.stopping.is_set():
-            yield np.zeros(self.block_samples, np.int16)
-            if await self._sleep_or_stop(self.block_samples / 16000):
-                return
 
 
 class StubSession(AsrSession):

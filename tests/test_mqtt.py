@@ -18,11 +18,9 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from agent import models
-from agent.audio.base import AudioSource
 from agent.bus import EventBus, Publisher
 from agent.config import MqttConfig, load_config
 from agent.daemon import Daemon
@@ -45,6 +43,7 @@ from agent.mqtt.topics import RANK_EVENT, RANK_FINAL, RANK_PARTIAL, Topics, even
 
 from .conftest import REPO
 from .mosquitto import Mosquitto, Subscriber, TlsFiles, have_mosquitto
+from .sources import SilentSource
 
 DEVICE = "test-dev"
 PREFIX = f"voice-agent/{DEVICE}"
@@ -270,19 +269,6 @@ def mqtt_env(port: int, state_dir: Path, **extra: str) -> dict[str, str]:
     }
 
 
-class IdleSource(AudioSource):
-    """Silence in real time until stopped: keeps a daemon alive for command tests."""
-
-    def __init__(self) -> None:
-        super().__init__(30)
-
-    async def chunks(self) -> AsyncIterator[np.ndarray]:
-        while True:
-            yield np.zeros(self.block_samples, dtype=np.int16)
-            if await self._sleep_or_stop(0.03):
-                return
-
-
 def mqtt_service(d: Daemon) -> MqttService:
     svc = next(s for s in d.services if isinstance(s, MqttService))
     return svc
@@ -291,7 +277,7 @@ def mqtt_service(d: Daemon) -> MqttService:
 @contextlib.asynccontextmanager
 async def running(env: dict[str, str], connect: bool = True) -> AsyncIterator[Daemon]:
     """An in-process daemon on an idle source; stopped (and checked) on exit."""
-    d = Daemon(load_config(None, env=env), source=IdleSource())
+    d = Daemon(load_config(None, env=env), source=SilentSource())
     task = asyncio.create_task(d.run())
     try:
         if connect:

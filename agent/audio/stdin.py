@@ -42,6 +42,9 @@ class StdinSource(AudioSource):
             pcm = np.frombuffer(data[:cut], dtype=np.int16)
             for chunk in rechunk.push(float_to_int16(res.process(pcm))):
                 yield chunk
+        # The resampler holds back a few samples of look-ahead until told the input ended.
+        for chunk in rechunk.push(float_to_int16(res.process(np.zeros(0, np.int16), last=True))):
+            yield chunk
         tail = rechunk.flush()
         if tail is not None:
             yield tail
