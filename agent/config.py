@@ -20,11 +20,10 @@ from pydantic import (
     model_validator,
 )
 
+from agent.constants import CAPTURE_RATES, PIPELINE_RATE
 from agent.errors import ConfigError
 
 ENV_PREFIX = "VOICE_AGENT__"
-CAPTURE_RATES = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000)
-PIPELINE_RATE = 16000  # every stage after the source sees 16 kHz mono int16
 
 
 def _default_device_id() -> str:

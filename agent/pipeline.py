@@ -13,7 +13,8 @@ import numpy as np
 
 from agent.analysers import AnalyserHub, Utterance
 from agent.bus import Publisher
-from agent.config import PIPELINE_RATE, SegmenterConfig
+from agent.config import SegmenterConfig
+from agent.constants import PIPELINE_RATE
 from agent.events import SpeechEnded, SpeechStarted, UtteranceEnded, UtteranceStarted
 from agent.gate import GateController, GateMarker, new_id
 from agent.vad.base import Vad

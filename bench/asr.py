@@ -42,7 +42,8 @@ from agent.asr.base import has_words  # noqa: E402
 from agent.asr.wer import wer  # noqa: E402
 from agent.audio.base import AudioSource  # noqa: E402
 from agent.audio.file import FileSource  # noqa: E402
-from agent.config import PIPELINE_RATE, load_config  # noqa: E402
+from agent.config import load_config  # noqa: E402
+from agent.constants import PIPELINE_RATE  # noqa: E402
 from bench.report import write_report  # noqa: E402
 
 SPEECH = REPO.parent / "shared" / "data" / "asr-en"

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from agent.audio.base import AudioSource
-from agent.config import PIPELINE_RATE
+from agent.constants import PIPELINE_RATE
 
 
 class SilentSource(AudioSource):

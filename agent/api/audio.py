@@ -18,7 +18,7 @@ import soundfile as sf
 from agent.api.errors import ApiError
 from agent.audio.convert import Resampler, to_mono_float
 from agent.audio.file import FileSource
-from agent.config import PIPELINE_RATE
+from agent.constants import PIPELINE_RATE
 from agent.errors import AudioSourceError
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from agent.api.context import CTX, ApiContext
 from agent.api.errors import ApiError
 from agent.api.metrics import STAGES
 from agent.api.openapi import build_spec
-from agent.config import PIPELINE_RATE
+from agent.constants import PIPELINE_RATE
 from agent.errors import GateError
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,8 @@ from agent.api.context import CTX, ApiContext
 from agent.api.errors import ApiError
 from agent.asr.base import AsrEngine, AsrSession, Transcript, has_words
 from agent.audio.convert import Resampler, float_to_int16
-from agent.config import CAPTURE_RATES, PIPELINE_RATE, WebrtcVadConfig
+from agent.config import WebrtcVadConfig
+from agent.constants import CAPTURE_RATES, PIPELINE_RATE
 from agent.gate import new_id
 from agent.vad.webrtc import WebrtcVad
 

@@ -14,7 +14,7 @@ import numpy as np
 from agent.analysers import Analyser, Utterance
 from agent.asr.base import AsrEngine, AsrSession, Transcript, has_words
 from agent.bus import Publisher
-from agent.config import PIPELINE_RATE
+from agent.constants import PIPELINE_RATE
 from agent.events import AsrFinal, AsrPartial
 
 log = logging.getLogger(__name__)

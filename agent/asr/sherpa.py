@@ -13,7 +13,8 @@ import numpy as np
 
 from agent.asr.base import AsrEngine, AsrSession, Transcript, collapse_loops
 from agent.asr.files import check_files, resolve_files
-from agent.config import PIPELINE_RATE, SherpaOfflineAsrConfig, SherpaOnlineAsrConfig
+from agent.config import SherpaOfflineAsrConfig, SherpaOnlineAsrConfig
+from agent.constants import PIPELINE_RATE
 from agent.errors import ModelError
 
 log = logging.getLogger(__name__)

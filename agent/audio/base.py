@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.config import PIPELINE_RATE, AudioConfig
+from agent.config import AudioConfig
+from agent.constants import PIPELINE_RATE
 from agent.errors import AgentError, AudioSourceError
 
 log = logging.getLogger(__name__)

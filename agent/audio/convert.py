@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import soxr
 
-from agent.config import PIPELINE_RATE
+from agent.constants import PIPELINE_RATE
 
 
 def to_mono_float(block: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import soundfile as sf
 
 from agent.audio.base import AudioSource, ErrorCallback
 from agent.audio.convert import Rechunker, Resampler, float_to_int16
-from agent.config import PIPELINE_RATE
+from agent.constants import PIPELINE_RATE
 from agent.errors import AudioSourceError
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import numpy as np
 
 from agent.audio.base import AudioSource, ErrorCallback
 from agent.audio.convert import Rechunker, Resampler, float_to_int16
-from agent.config import PIPELINE_RATE
+from agent.constants import PIPELINE_RATE
 
 
 class StdinSource(AudioSource):

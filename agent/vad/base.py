@@ -6,7 +6,8 @@ import abc
 
 import numpy as np
 
-from agent.config import PIPELINE_RATE, SileroVadConfig, VadConfig, WebrtcVadConfig
+from agent.config import SileroVadConfig, VadConfig, WebrtcVadConfig
+from agent.constants import PIPELINE_RATE
 
 
 class Vad(abc.ABC):

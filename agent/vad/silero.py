@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.config import PIPELINE_RATE, SileroVadConfig
+from agent.config import SileroVadConfig
+from agent.constants import PIPELINE_RATE
 from agent.errors import VadError
 from agent.vad.base import Vad
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import webrtcvad
 
-from agent.config import PIPELINE_RATE, WebrtcVadConfig
+from agent.config import WebrtcVadConfig
+from agent.constants import PIPELINE_RATE
 from agent.vad.base import Vad
 
 
