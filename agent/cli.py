@@ -12,7 +12,7 @@ from pathlib import Path
 from agent import __version__
 from agent.config import Config, load_config
 from agent.errors import AgentError, ConfigError
-from agent.models import add_models_arguments
+from agent.models.cli import add_models_arguments
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """`voice-agent models list|install|verify|path`: 0 ok, 1 failure, 2 usage."""
-    from agent.models import run_cli
+    from agent.models.cli import run_cli
 
     return run_cli(args)
 

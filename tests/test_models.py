@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from agent import models
+from agent.models import manifest
 from agent.cli import main
 from agent.errors import ModelError
 
@@ -187,8 +188,8 @@ def test_repo_manifest_validates_and_pins_are_explicit() -> None:
     assert {f.name for f in tiny.files.values()} == {
         "tiny.en-encoder.int8.onnx", "tiny.en-decoder.int8.onnx", "tiny.en-tokens.txt"}
     base = man.get("whisper-base-int8")
-    assert isinstance(base.source, models.PypiSource)
-    assert isinstance(base.source.recipe, models.WhisperCt2Recipe)
+    assert isinstance(base.source, manifest.PypiSource)
+    assert isinstance(base.source.recipe, manifest.WhisperCt2Recipe)
     assert base.source.recipe.model_bin == ["model_bin_part1", "model_bin_part2"]
 
 
