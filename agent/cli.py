@@ -39,7 +39,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon."""
-    from agent.audio.base import parse_source_spec
+    from agent.audio.sources import parse_source_spec
     from agent.daemon import Daemon
 
     cfg = _config_or_exit(args.config)
@@ -61,60 +61,62 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(daemon.run())
 
 
-async def _transcribe_file(cfg: Config, path: str) -> dict[str, object]:
-    """Run one file through the daemon's own pipeline (VAD mode) and collect the finals."""
-    from agent.daemon import Daemon
-    from agent.events import AsrFinal, ErrorEvent
+async def _transcribe_files(cfg: Config, files: list[str], as_json: bool) -> int:
+    """Load the model once, then run each file through the registry's `asr/transcribe`."""
+    from agent.app.capabilities import create_app
+    from agent.app.commands import CallContext
 
-    daemon = Daemon(cfg)
-    sub = daemon.bus.subscribe(100_000, types=["asr.final", "error"], name="transcribe")
-    rc = await daemon.run()
-    finals: list[AsrFinal] = []
-    errors: list[str] = []
-    async for ev in sub:
-        if isinstance(ev, AsrFinal):
-            finals.append(ev)
-        elif isinstance(ev, ErrorEvent):
-            errors.append(f"{ev.stage}/{ev.code}: {ev.message}")
-    return {
-        "file": path, "ok": rc == 0 and not errors,
-        "text": " ".join(f.text for f in finals if f.text),
-        "utterances": [f.model_dump(include={"text", "language", "audio_s", "decode_ms"})
-                       for f in finals],
-        "errors": errors,
-    }
+    app = create_app(cfg)
+    await app.load_analysers()
+    try:
+        if app.asr_engine is None:
+            why = "; ".join(app.problems.values()) or "asr.enabled is false"
+            print(f"error: no ASR model: {why}", file=sys.stderr)
+            return 1
+        rc = 0
+        for path in files:
+            out: dict[str, object] = {"file": path}
+            try:
+                data = await asyncio.to_thread(Path(path).read_bytes)
+                result = await app.commands.dispatch(
+                    "asr/transcribe", {}, CallContext(surface="cli", attachment=data))
+            except OSError as e:
+                out.update(ok=False, error=f"cannot read: {e.strerror or e}")
+            except AgentError as e:
+                out.update(ok=False, error=f"{e.stage}/{e.code}: {e.message}")
+            else:
+                text = getattr(result, "text", "")
+                out.update(ok=bool(text), **result.model_dump(mode="json"))
+                if not text:
+                    out["error"] = "no speech found"
+            if not out["ok"]:
+                rc = 1
+            if as_json:
+                print(json.dumps(out, ensure_ascii=False), flush=True)
+            elif out["ok"]:
+                prefix = f"{path}: " if len(files) > 1 else ""
+                print(prefix + str(out["text"]), flush=True)
+            if not out["ok"] and not as_json:
+                print(f"error: {path}: {out['error']}", file=sys.stderr)
+        return rc
+    finally:
+        await app.close()
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    """Print the transcript of each file."""
+    """Print the transcript of each file (exit 1 when any failed or held no speech)."""
     cfg = _config_or_exit(args.config)
-    asr_update: dict[str, object] = {"enabled": True}
+    asr_update: dict[str, object] = {"enabled": True, "partials": False}
     if args.model:
         asr_update["model"] = args.model
     if args.model_dir:
         asr_update["model_dir"] = Path(args.model_dir)
     if args.language is not None and hasattr(cfg.asr, "language"):
         asr_update["language"] = args.language
-    asr_update["partials"] = False
-    rc = 0
-    for path in args.files:
-        audio = cfg.audio.model_copy(update={"source": "file", "file": Path(path),
-                                             "realtime": False})
-        fcfg = cfg.model_copy(update={
-            "audio": audio, "gate": cfg.gate.model_copy(update={"mode": "vad"}),
-            "asr": cfg.asr.model_copy(update=asr_update), "log_level": "warning"})
-        logging.getLogger().setLevel(logging.WARNING)
-        result = asyncio.run(_transcribe_file(fcfg, path))
-        if args.json:
-            print(json.dumps(result, ensure_ascii=False))
-        else:
-            prefix = f"{path}: " if len(args.files) > 1 else ""
-            print(prefix + str(result["text"]))
-        if not result["ok"]:
-            rc = 1
-            for err in result["errors"]:  # type: ignore[attr-defined]
-                print(f"error: {path}: {err}", file=sys.stderr)
-    return rc
+    cfg = cfg.model_copy(update={"asr": cfg.asr.model_copy(update=asr_update),
+                                 "log_level": "warning"})
+    logging.getLogger().setLevel(logging.WARNING)
+    return asyncio.run(_transcribe_files(cfg, args.files, args.json))
 
 
 def cmd_devices(args: argparse.Namespace) -> int:

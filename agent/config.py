@@ -109,6 +109,11 @@ class SherpaOfflineAsrConfig(_AsrCommon):
     partials: bool = True
     partial_interval_ms: int = Field(default=400, ge=50, le=10_000)
     partial_min_audio_ms: int = Field(default=300, ge=0, le=10_000)
+    # Close sub-segments at the speaker's pauses and decode them while speech goes on, so a
+    # long sentence's final costs only its tail; false: decode the whole utterance at the end.
+    segments: bool = True
+    segment_pause_ms: int = Field(default=300, ge=90, le=5000)
+    segment_min_s: float = Field(default=2.0, ge=0.5, le=28)
 
 
 class SherpaOnlineAsrConfig(_AsrCommon):
@@ -191,6 +196,8 @@ class ApiConfig(_Model):
     key: SecretStr | None = None
     max_body_mb: float = Field(default=20.0, gt=0, le=1024)
     max_audio_s: float = Field(default=300.0, gt=0, le=3600)
+    # Decoding work one upload may cause: input samples (frames x channels) before resampling.
+    max_decode_samples: int = Field(default=300 * 48_000 * 2, ge=16_000, le=2**34)
     # bench/ws_asr.py: p95 stop -> final stays <= 500 ms up to 4 streams on 2 cores.
     max_asr_sessions: int = Field(default=4, ge=0, le=1024)
     asr_partials: bool = True
@@ -219,10 +226,29 @@ class DashscopeConfig(_Model):
 
 
 class RuntimeConfig(_Model):
-    """Threads for model runtimes, kept off the event loop."""
+    """The decode runner: model calls run in worker threads, never on the event loop."""
 
-    model_threads: int = Field(default=2, ge=1, le=64)
-    executor_workers: int = Field(default=2, ge=1, le=64)
+    # Model calls in flight at once, daemon-wide (null: one per CPU core).
+    decode_workers: int | None = Field(default=None, ge=1, le=64)
+    # Upload requests (transcribe, analyze) queued at once; past it: 503 with Retry-After.
+    upload_queue: int = Field(default=32, ge=1, le=10_000)
+
+
+class RateConfig(_Model):
+    """A token bucket: `rate_per_s` on average, bursts of `burst` (0 = unlimited)."""
+
+    rate_per_s: float = Field(default=10.0, ge=0)
+    burst: float = Field(default=40.0, ge=1)
+
+
+class LimitsConfig(_Model):
+    """Per-client rate limits on registry commands (every surface)."""
+
+    default: RateConfig = RateConfig()
+    # Loopback clients (the kiosk on this machine, local scripts) get this many times more.
+    loopback_factor: float = Field(default=10.0, ge=1)
+    per_command: dict[str, RateConfig] = Field(
+        default_factory=lambda: {"asr/transcribe": RateConfig(rate_per_s=2.0, burst=20)})
 
 
 class Config(_Model):
@@ -241,6 +267,7 @@ class Config(_Model):
     api: ApiConfig = ApiConfig()
     dashscope: DashscopeConfig = DashscopeConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    limits: LimitsConfig = LimitsConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -110,8 +110,10 @@ class AsrFinal(BaseEvent):
     # From the utterance end (VAD end or PTT release) to this event.
     eos_to_final_ms: float
     partials: int
-    # True when a partial decode had already covered all the audio (`decode_ms` is its time).
+    # True when a partial decode had already heard all the speech: no decode at the end.
     speculative: bool = False
+    # Sub-segments closed at the speaker's pauses and decoded while speech went on.
+    segments: int = 0
 
 
 class SpeakerIdentified(BaseEvent):

@@ -232,14 +232,18 @@ class Watchdog:
         self.withheld += 1
         return False
 
-    async def run(self) -> None:
-        """Ping until cancelled."""
+    async def run(self, until: asyncio.Event | None = None) -> None:
+        """Ping until `until` is set (the daemon stopped) or the task is cancelled."""
         if not self.enabled or self.interval_s is None:
             return
         log.debug("watchdog: ping every %.2f s", self.interval_s)
-        while True:
+        stop = until or asyncio.Event()
+        while not stop.is_set():
             self.tick()
-            await asyncio.sleep(self.interval_s)
+            try:
+                await asyncio.wait_for(stop.wait(), self.interval_s)
+            except TimeoutError:
+                pass
 
 
 # The daemon's process-wide notifier; `from agent import notify; notify.ready()`.

@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agent.config import SileroVadConfig, WebrtcVadConfig  # noqa: E402
-from agent.vad.base import Vad, make_vad  # noqa: E402
+from agent.vad.base import Vad  # noqa: E402
+from agent.vad.factory import make_vad  # noqa: E402
 from bench.report import write_report  # noqa: E402
 
 SPEECH = REPO.parent / "shared" / "data" / "asr-en"

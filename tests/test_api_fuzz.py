@@ -64,7 +64,7 @@ class ServerThread:
 
         d = make_daemon(_engine(), **SERVER_ENV)
         svc = next(s for s in d.services if isinstance(s, ApiService))
-        runner = web.AppRunner(svc.app, access_log=None)
+        runner = web.AppRunner(svc.web, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
@@ -99,7 +99,7 @@ def _spec() -> dict[str, Any]:
     d = make_daemon(StubEngine(), **SERVER_ENV)
     svc = next(s for s in d.services if isinstance(s, ApiService))
     d.bus.close()
-    return build_spec(d.cfg.api, svc.app.router)
+    return build_spec(d.cfg.api, d.app.commands, svc.web.router)
 
 
 schemathesis.serializer.alias("audio/wav", "application/octet-stream")

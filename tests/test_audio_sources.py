@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from agent.audio.base import parse_source_spec
 from agent.audio.convert import Rechunker
 from agent.audio.file import FileSource
+from agent.audio.sources import parse_source_spec
 from agent.audio.stdin import StdinSource
 from agent.config import AudioConfig
 from agent.errors import AudioSourceError

@@ -9,7 +9,7 @@ import pytest
 from agent.bus import EventBus, Publisher
 from agent.errors import GateError
 from agent.events import StateChanged
-from agent.gate import GateController
+from agent.pipeline.gate import GateController
 
 
 def make(mode: str, max_hold_s: float = 60.0) -> tuple[GateController, list[StateChanged]]:

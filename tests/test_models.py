@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from agent import models
-from agent.models import manifest
 from agent.cli import main
 from agent.errors import ModelError
+from agent.models import manifest
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_MANIFEST = REPO / "models_onnx" / "manifest.yaml"

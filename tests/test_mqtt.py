@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from agent import models
-from agent.bus import EventBus, Publisher
+from agent.app.capabilities import create_app
+from agent.app.core import App
 from agent.config import MqttConfig, load_config
 from agent.daemon import Daemon
 from agent.errors import ConfigError, ModelError
@@ -33,7 +34,6 @@ from agent.events import (
     UtteranceEnded,
     parse_event,
 )
-from agent.gate import GateController
 from agent.mqtt.client import Backoff
 from agent.mqtt.commands import CommandRouter, parse_payload
 from agent.mqtt.discovery import discovery_messages
@@ -158,6 +158,10 @@ def test_outbox_journal_stays_small(tmp_path: Path) -> None:
     assert path.stat().st_size < 2 * 2000 * 200  # compacted, not 10 000 adds + deletes
 
 
+def _app(mode: str = "ptt") -> App:
+    return create_app(load_config(None, env={"VOICE_AGENT__GATE__MODE": mode}))
+
+
 @pytest.mark.parametrize("raw,rid,code", [
     (b"", None, None),
     (b"  ", None, None),
@@ -169,30 +173,32 @@ def test_outbox_journal_stays_small(tmp_path: Path) -> None:
     (b'{"request_id": "a/b"}', None, "bad_request_id"),
     (b'{"request_id": 7}', None, "bad_request_id"),
 ])
-def test_command_payloads(raw: bytes, rid: str | None, code: str | None) -> None:
-    payload, got_rid, err = parse_payload(raw)
-    assert got_rid == rid
-    assert (err.code if err else None) == code
-    assert (payload is None) == (code is not None)
+async def test_command_payloads(raw: bytes, rid: str | None, code: str | None) -> None:
+    reply = await CommandRouter(_app().commands).handle("ptt/start", raw)
+    assert reply.request_id == rid
+    assert (reply.error.code if reply.error else None) == code
+    assert (reply.result is None) == (code is not None)
 
 
-def test_router_runs_gate_commands_and_refuses_clearly() -> None:
-    bus = EventBus()
-    gate = GateController("ptt", Publisher(bus, "d"))
-    router = CommandRouter(gate)
-    r = router.handle("ptt/start", b'{"request_id": "r1"}')
-    assert r.ok and r.request_id == "r1" and r.result == {"gate": gate.snapshot()}
+async def test_router_runs_gate_commands_and_refuses_clearly() -> None:
+    app = _app()
+    gate = app.gate
+    router = CommandRouter(app.commands)
+    r = await router.handle("ptt/start", b'{"request_id": "r1"}')
+    assert r.ok and r.request_id == "r1"
+    assert r.result == {"ok": True, "command": "start",
+                        "gate": app.gate_status().model_dump(mode="json")}
     assert gate.state == "open"
-    bad = router.handle("ptt/stop", b'{"request_id": "r2", "extra": true}')
+    bad = await router.handle("ptt/stop", b'{"request_id": "r2", "extra": true}')
     assert not bad.ok and bad.error and bad.error.code == "bad_payload"
     assert "extra: unknown field" in bad.error.message
     assert gate.state == "open"  # a malformed command changes nothing
-    unknown = router.handle("say", b"{}")
+    unknown = await router.handle("say", b"{}")
     assert unknown.error and unknown.error.code == "unknown_command"
     assert "ptt/start" in unknown.error.message
-    assert router.handle("ptt/stop", b"").ok and gate.state == "closed"
-    vad = CommandRouter(GateController("vad", Publisher(bus, "d")))
-    wrong = vad.handle("ptt/start", b"")
+    assert (await router.handle("ptt/stop", b"")).ok and gate.state == "closed"
+    vad = CommandRouter(_app("vad").commands)
+    wrong = await vad.handle("ptt/start", b"")
     assert wrong.error and wrong.error.code == "wrong_mode"
 
 
@@ -211,7 +217,7 @@ def test_discovery_follows_home_assistant_conventions() -> None:
         assert p["device"]["identifiers"] == [f"voice-agent-{DEVICE}"]
     button = payloads[-1]
     assert button["command_topic"] == T.command("ptt/toggle")
-    assert parse_payload(button["payload_press"].encode())[2] is None  # a valid command
+    assert parse_payload(button["payload_press"].encode()) == ({}, None)  # a valid command
     # The templates render what HA would show, from a real state payload.
     env = jinja2.Environment()
     state = {"gate": {"state": "open"}, "last_final": {"text": "x" * 300, "utterance_id": "u"},

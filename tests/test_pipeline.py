@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.analysers import Analyser, Utterance
+from agent.analysis import Analyser, Utterance
 from agent.audio.base import AudioSource
 from agent.audio.file import FileSource
 from agent.bus import Publisher

@@ -1,13 +1,17 @@
-"""The OpenAPI 3.0 document: every route, its inputs, responses and errors (WebSockets too)."""
+"""The OpenAPI 3.1 document: the registry's commands from their pydantic models, plus the views."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from aiohttp import web
+from pydantic import BaseModel
 
 from agent import __version__
 from agent.api.auth import HEADER, QUERY
+from agent.app.commands import Command, CommandRegistry
+from agent.app.status import Health
 from agent.config import ApiConfig
 from agent.events import EVENT_TYPES
 
@@ -32,13 +36,12 @@ def _obj(props: Json, required: list[str] | None = None, extra: bool = True) -> 
     return out
 
 
-NULLABLE_STR: Json = {"type": "string", "nullable": True}
+NULLABLE_STR: Json = {"type": ["string", "null"]}
+NULLABLE_NUM: Json = {"type": ["number", "null"]}
 NUM: Json = {"type": "number"}
 INT: Json = {"type": "integer"}
-LATENCY: Json = _obj({"count": INT, "mean": {"type": "number", "nullable": True},
-                      "p50": {"type": "number", "nullable": True},
-                      "p95": {"type": "number", "nullable": True},
-                      "max": {"type": "number", "nullable": True}})
+LATENCY: Json = _obj({"count": INT, "mean": NULLABLE_NUM, "p50": NULLABLE_NUM,
+                      "p95": NULLABLE_NUM, "max": NULLABLE_NUM})
 GATE: Json = _obj({"mode": {"type": "string", "enum": ["ptt", "ptt_toggle", "vad"]},
                    "state": {"type": "string", "enum": ["open", "closed"]},
                    "session_id": NULLABLE_STR})
@@ -46,35 +49,64 @@ COUNTS: Json = {"type": "object", "additionalProperties": INT}
 
 SCHEMAS: Json = {
     "Error": _obj({"error": _obj({"code": {"type": "string"}, "message": {"type": "string"}})}),
-    "Health": _obj({
-        "status": {"type": "string", "enum": ["ok", "starting", "stopping"]},
-        "version": {"type": "string"}, "device_id": {"type": "string"},
-        "ready": {"type": "boolean"}, "uptime_s": NUM,
-        "models": _obj({"asr": NULLABLE_STR, "vad": {"type": "string"}}),
-    }),
     "Stats": _obj({
         "uptime_s": NUM, "gate": GATE,
         "utterances": _obj({"total": INT, "by_reason": COUNTS, "finals": INT}),
         "latency_ms": {"type": "object", "additionalProperties": LATENCY},
         "drops": _obj({"bus_events": INT, "audio_chunks": INT, "ws_clients": COUNTS,
-                       "ws_asr_rejected": INT}),
+                       "ws_asr_rejected": INT, "partials_shed": INT}),
+        "decode": {"type": "object"},
         "connections": _obj({"ws_events": INT, "ws_asr": INT, "ws_asr_max": INT,
                              "http_requests": INT}),
         "events": _obj({"published": INT, "by_type": COUNTS}),
     }),
-    "PttResult": _obj({"ok": {"type": "boolean"}, "command": {"type": "string"}, "gate": GATE}),
-    "TranscribeJson": _obj({"audio": {
-        "type": "string", "format": "byte",
-        "description": "base64 of a WAV/FLAC/MP3/OGG file (a data: URL prefix is allowed)"}},
-        extra=True),
-    "TranscribeUpload": _obj({"file": {"type": "string", "format": "binary"}}),
-    "TranscribeResult": _obj({
-        "text": {"type": "string"}, "language": NULLABLE_STR, "model": {"type": "string"},
-        "audio_s": NUM, "windows": INT,
-        "timings": _obj({"upload_ms": NUM, "audio_decode_ms": NUM, "decode_ms": NUM,
-                         "total_ms": NUM, "rtf": {"type": "number", "nullable": True}}),
-    }),
 }
+
+
+def _model_schema(model: type[BaseModel], components: Json) -> Json:
+    """A pydantic model as a component schema; returns its $ref."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, sub in schema.pop("$defs", {}).items():
+        components.setdefault(name, sub)
+    components.setdefault(model.__name__, schema)
+    return _ref(model.__name__)
+
+
+def _command_op(cmd: Command[Any, Any], components: Json) -> tuple[str, str, Json]:
+    """(method, path, operation) of one registry command."""
+    method = cmd.http.method.lower()
+    op: Json = {"summary": cmd.summary, "operationId": cmd.name.replace("/", "_"),
+                "responses": {"200": _json(_model_schema(cmd.result, components), "the result")}}
+    params = re.findall(r"{(\w+)}", cmd.path)
+    if params:
+        op["parameters"] = [{"name": n, "in": "path", "required": True,
+                             "schema": {"type": "string"}} for n in params]
+    body = _model_schema(cmd.payload, components)
+    if method == "get":
+        fields = cmd.payload.model_fields
+        op.setdefault("parameters", []).extend(
+            {"name": n, "in": "query", "required": f.is_required(), "schema": {"type": "string"}}
+            for n, f in fields.items() if n not in params)
+    elif cmd.upload:
+        op["requestBody"] = {"required": True, "content": {
+            "multipart/form-data": {"schema": _obj({"file": {"type": "string",
+                                                             "format": "binary"}})},
+            "application/json": {"schema": body},
+            "audio/wav": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        }}
+    else:
+        op["requestBody"] = {"required": False, "content": {"application/json": {
+            "schema": body}}}
+    for status, why in cmd.errors.items():
+        op["responses"][str(status)] = _error(why)
+    if method != "get":
+        op["responses"].setdefault("415", _error("unsupported Content-Type"))
+        op["responses"].setdefault("413", _error("body larger than api.max_body_mb"))
+    op["responses"].setdefault("400", _error("bad payload (the message names each field)"))
+    op["responses"].setdefault("429", _error("rate limited (Retry-After)"))
+    return method, cmd.path, op
+
 
 WS_EVENTS_DOC = (
     "WebSocket (upgrade with GET). First message: `{\"type\": \"snapshot\", ...}` with the "
@@ -100,7 +132,8 @@ WS_ASR_DOC = (
 )
 
 
-def _ops(cfg: ApiConfig) -> dict[tuple[str, str], Json]:
+def _ops(cfg: ApiConfig, commands: CommandRegistry | None, components: Json
+         ) -> dict[tuple[str, str], Json]:
     """Every operation, keyed by (method, path)."""
     bad = _error("bad request (the message says what)")
     ws_responses = {"101": {"description": "switched to the WebSocket protocol"},
@@ -118,26 +151,9 @@ def _ops(cfg: ApiConfig) -> dict[tuple[str, str], Json]:
             "operationId": "metrics",
             "responses": {"200": {"description": "text exposition format 0.0.4",
                                   "content": {"text/plain": {"schema": {"type": "string"}}}}}},
-        ("post", "/api/asr/transcribe"): {
-            "summary": "Recognise a recording (WAV/FLAC/MP3/OGG; others via ffmpeg)",
-            "operationId": "transcribe",
-            "requestBody": {"required": True, "content": {
-                "multipart/form-data": {"schema": _ref("TranscribeUpload")},
-                "application/json": {"schema": _ref("TranscribeJson")},
-                "audio/wav": {"schema": {"type": "string", "format": "binary"}},
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            }},
-            "responses": {
-                "200": _json(_ref("TranscribeResult"), "the transcript and timings"),
-                "400": _error("bad JSON, bad base64, bad or empty audio, no file part"),
-                "413": _error("body larger than api.max_body_mb, or audio longer than "
-                              "api.max_audio_s"),
-                "415": _error("unsupported Content-Type"),
-                "503": _error("no ASR model loaded"),
-            }},
         ("get", "/api/openapi.json"): {
             "summary": "This document", "operationId": "openapi",
-            "responses": {"200": {"description": "OpenAPI 3.0",
+            "responses": {"200": {"description": "OpenAPI 3.1",
                                   "content": {"application/json": {"schema": {
                                       "type": "object"}}}}}},
         ("get", "/ws/events"): {
@@ -164,11 +180,11 @@ def _ops(cfg: ApiConfig) -> dict[tuple[str, str], Json]:
                 "text/css": {"schema": {"type": "string"}}}},
                 "404": _error("no such asset")}},
     }
-    for cmd in ("start", "stop", "reset", "toggle"):
-        ops[("post", f"/api/ptt/{cmd}")] = {
-            "summary": f"Push-to-talk gate: {cmd}", "operationId": f"ptt_{cmd}",
-            "responses": {"200": _json(_ref("PttResult"), "new gate state"),
-                          "409": _error("refused: the gate is in vad mode (wrong_mode)")}}
+    _model_schema(Health, components)
+    for cmd in commands or ():
+        if "http" in cmd.surfaces:
+            method, path, op = _command_op(cmd, components)
+            ops[(method, path)] = op
     for op in ops.values():
         if op.get("security") != []:
             if cfg.key is not None:
@@ -178,24 +194,26 @@ def _ops(cfg: ApiConfig) -> dict[tuple[str, str], Json]:
     return ops
 
 
-def build_spec(cfg: ApiConfig, router: web.UrlDispatcher | None = None) -> Json:
+def build_spec(cfg: ApiConfig, commands: CommandRegistry | None = None,
+               router: web.UrlDispatcher | None = None) -> Json:
     """The document for this configuration (only routes the router has, when given)."""
+    components: Json = dict(SCHEMAS)
     registered: set[tuple[str, str]] | None = None
     if router is not None:
         registered = {(r.method.lower(), r.resource.canonical) for r in router.routes()
                       if r.resource is not None}
     paths: Json = {}
-    for (method, path), op in _ops(cfg).items():
+    for (method, path), op in _ops(cfg, commands, components).items():
         if registered is not None and (method, path) not in registered:
             continue
         paths.setdefault(path, {})[method] = op
     spec: Json = {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "voice-agent", "version": __version__,
                  "description": "Local HTTP + WebSocket API of the voice-agent daemon. Errors "
                                 "are `{\"error\": {\"code\", \"message\"}}`."},
         "paths": paths,
-        "components": {"schemas": SCHEMAS},
+        "components": {"schemas": components},
     }
     if cfg.key is not None:
         spec["components"]["securitySchemes"] = {

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from http import HTTPStatus
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -14,12 +12,11 @@ from aiohttp.typedefs import Handler
 
 from agent.api import routes_http, ws_asr, ws_events
 from agent.api.auth import auth_middleware
-from agent.api.context import CTX, ApiContext
-from agent.api.errors import ApiError
-from agent.daemon import Service
-
-if TYPE_CHECKING:
-    from agent.daemon import Daemon
+from agent.api.context import CTX, ApiContext, is_loopback
+from agent.api.errors import ApiError, error_body, error_response
+from agent.app.core import App
+from agent.app.service import Service
+from agent.errors import AgentError
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +25,7 @@ SHUTDOWN_TIMEOUT_S = 2.0
 
 def _error_response(status: int, code: str, message: str,
                     headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status,
-                             headers=headers)
+    return web.json_response(error_body(code, message), status=status, headers=headers)
 
 
 def _code_for(status: int) -> str:
@@ -56,9 +52,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         resp = await handler(request)
         status = resp.status
         return resp
-    except ApiError as e:
-        status = e.status
-        return _error_response(e.status, e.code, e.message)
+    except AgentError as e:
+        resp = error_response(e)
+        status = resp.status
+        return resp
     except web.HTTPException as e:
         status = e.status
         if e.status < 400:
@@ -92,7 +89,7 @@ def build_app(ctx: ApiContext) -> web.Application:
         middlewares=[errors_middleware, auth_middleware(cfg.key)],
     )
     app[CTX] = ctx
-    routes_http.setup(app, kiosk_page=cfg.kiosk)
+    routes_http.setup(app, ctx, kiosk_page=cfg.kiosk)
     ws_events.setup(app)
     ws_asr.setup(app)
     app.cleanup_ctx.append(ctx.lifecycle)
@@ -100,32 +97,23 @@ def build_app(ctx: ApiContext) -> web.Application:
     return app
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class ApiService(Service):
     """HTTP + WebSocket API on api.host:api.port for as long as the daemon runs."""
 
     name = "api"
 
-    def __init__(self, daemon: Daemon) -> None:
-        super().__init__(daemon)
-        self.ctx = ApiContext(daemon)
-        self.app = build_app(self.ctx)
+    def __init__(self, app: App) -> None:
+        super().__init__(app)
+        self.ctx = ApiContext(app)
+        self.web = build_app(self.ctx)
         self.port: int | None = None  # the bound port (api.port may be 0)
 
     async def run(self) -> None:
         """Serve until `daemon.stopped`; a port that cannot be bound is an ApiError."""
         cfg = self.ctx.cfg
-        if cfg.key is None and not _is_loopback(cfg.host):
+        if cfg.key is None and not is_loopback(cfg.host):
             log.warning("API on %s without api.key: anyone on the network can use it", cfg.host)
-        runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
+        runner = web.AppRunner(self.web, handle_signals=False, access_log=None,
                                shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         try:
@@ -139,7 +127,7 @@ class ApiService(Service):
             addrs = runner.addresses
             self.port = addrs[0][1] if addrs else cfg.port
             log.info("API listening on http://%s:%d/", cfg.host, self.port)
-            await self.daemon.stopped.wait()
+            await self.app.stopped.wait()
         finally:
             await runner.cleanup()
             log.info("API stopped")

@@ -10,15 +10,20 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from agent.api.context import CTX, ApiContext
+from agent import jsonsafe
+from agent.api.context import CTX, ApiContext, call_context
 from agent.api.errors import ApiError
+from agent.app.commands import CallContext
 from agent.bus import Subscription
-from agent.errors import GateError
+from agent.errors import AgentError
 from agent.events import EVENT_TYPES
 
 log = logging.getLogger(__name__)
 
 MAX_CLIENT_MSG = 64 * 1024  # commands and filters are tiny
+# The gate's own names, as the first version of this protocol had them.
+ALIASES = {"start": "ptt/start", "stop": "ptt/stop", "reset": "ptt/reset",
+           "toggle": "ptt/toggle"}
 
 
 def parse_types(value: Any) -> frozenset[str] | None:
@@ -40,11 +45,12 @@ class EventsClient:
     """One connected client: a writer task forwarding events, and its message handler."""
 
     def __init__(self, ctx: ApiContext, ws: web.WebSocketResponse, sub: Subscription,
-                 peer: str) -> None:
+                 peer: str, call: CallContext) -> None:
         self.ctx = ctx
         self.ws = ws
         self.sub = sub
         self.peer = peer
+        self.call = call
         self.timeout = ctx.cfg.ws_send_timeout_s
 
     async def send(self, payload: dict[str, Any] | str) -> None:
@@ -83,11 +89,11 @@ class EventsClient:
             await self.ws.close(code=WSCloseCode.GOING_AWAY, message=b"daemon stopping")
 
     async def handle(self, text: str) -> None:
-        """One client message: a gate command or a filter change."""
+        """One client message: a registry command or a filter change."""
         try:
-            msg = json.loads(text)
-        except ValueError as e:
-            await self.error("bad_json", f"message is not JSON: {e}")
+            msg = jsonsafe.loads(text, max_bytes=MAX_CLIENT_MSG, what="message")
+        except AgentError as e:
+            await self.error(e.code, e.message)
             return
         if not isinstance(msg, dict):
             await self.error("bad_message", 'expected a JSON object: {"command": ...} or '
@@ -96,17 +102,7 @@ class EventsClient:
         ref = msg.get("id")
         ref = ref if isinstance(ref, (str, int, float)) or ref is None else None
         if "command" in msg:
-            cmd = msg["command"]
-            if not isinstance(cmd, str):
-                await self.error("unknown_command", "command must be a string", ref)
-                return
-            try:
-                gate = self.ctx.daemon.gate.handle(cmd, reason="ws")
-            except GateError as e:
-                await self.error(e.code, e.message, ref)
-                return
-            await self.send({"type": "command.result", "id": ref, "command": cmd, "ok": True,
-                             "gate": gate})
+            await self.command(msg, ref)
         elif "types" in msg:
             try:
                 self.sub.types = parse_types(msg["types"])
@@ -116,12 +112,29 @@ class EventsClient:
             await self.send({"type": "subscribed", "id": ref,
                              "types": sorted(self.sub.types) if self.sub.types else None})
         else:
-            await self.error("bad_message", 'expected {"command": "start|stop|reset|toggle"} '
-                                            'or {"types": [...] | null}', ref)
+            await self.error("bad_message", 'expected {"command": NAME, ...payload} or '
+                                            '{"types": [...] | null}', ref)
 
-    async def error(self, code: str, message: str, ref: Any = None) -> None:
-        """A non-fatal protocol error: the connection stays open."""
-        await self.send({"type": "error", "stage": "api", "code": code, "message": message,
+    async def command(self, msg: dict[str, Any], ref: Any) -> None:
+        """Run a registry command: `{"command": "ptt/start", "id": 1, ...payload}`."""
+        name = msg["command"]
+        if not isinstance(name, str):
+            await self.error("unknown_command", "command must be a string", ref)
+            return
+        name = ALIASES.get(name, name)
+        payload = {k: v for k, v in msg.items() if k not in ("command", "id")}
+        try:
+            result = await self.ctx.app.commands.dispatch(name, payload, self.call)
+        except AgentError as e:
+            await self.error(e.code, e.message, ref, e.stage)
+            return
+        await self.send({"type": "command.result", "id": ref, "command": name, "ok": True,
+                         **result.model_dump(mode="json", exclude={"ok", "command"})})
+
+    async def error(self, code: str, message: str, ref: Any = None, stage: str = "api"
+                    ) -> None:
+        """A non-fatal error: the connection stays open."""
+        await self.send({"type": "error", "stage": stage, "code": code, "message": message,
                          "fatal": False, "id": ref})
 
 
@@ -136,14 +149,14 @@ async def events_ws(request: web.Request) -> web.StreamResponse:
                                              "Upgrade: websocket request")
     await ws.prepare(request)
     peer = request.remote or "?"
-    sub = ctx.daemon.bus.subscribe(ctx.cfg.ws_queue_size, types=types, name=f"ws:{peer}")
-    client = EventsClient(ctx, ws, sub, peer)
+    sub = ctx.app.bus.subscribe(ctx.cfg.ws_queue_size, types=types, name=f"ws:{peer}")
+    client = EventsClient(ctx, ws, sub, peer, call_context(request, "ws"))
     ctx.sockets["events"].add(ws)
     writer: asyncio.Task[None] | None = None
     log.info("/ws/events client %s connected", peer)
     try:
         with sub:
-            await client.send({"type": "snapshot", **ctx.daemon.snapshot(),
+            await client.send({"type": "snapshot", **ctx.app.snapshot().model_dump(mode="json"),
                                "event_types": list(EVENT_TYPES),
                                "types": sorted(types) if types else None})
             writer = asyncio.create_task(client.forward(), name=f"ws-events:{peer}")

@@ -20,24 +20,15 @@ class Transcript:
 
 
 class AsrSession(abc.ABC):
-    """One utterance. `feed` is called in order; `finish` once, at the end."""
-
-    #: True: `feed` decodes incrementally and returns the partial text (run in a worker).
-    #: False: `feed` only buffers (cheap, on the loop); `partial` re-decodes the buffer.
-    streaming = False
+    """One utterance of a streaming engine: `feed` decodes as audio arrives, `finish` once."""
 
     @abc.abstractmethod
-    def feed(self, samples: np.ndarray) -> str | None:
-        """Accept float32 16 kHz mono samples; streaming sessions return the partial text."""
-
-    def partial(self) -> str:
-        """Re-decode what has been fed so far (offline sessions)."""
-        raise NotImplementedError
-
+    def feed(self, samples: np.ndarray) -> str:
+        """Accept float32 16 kHz mono samples; returns the running text."""
 
     @abc.abstractmethod
     def finish(self) -> Transcript:
-        """Final decode of the whole utterance."""
+        """Flush and return the final text."""
 
     @property
     @abc.abstractmethod
@@ -45,18 +36,30 @@ class AsrSession(abc.ABC):
         """Samples accepted so far."""
 
 
-class AsrEngine(abc.ABC):
-    """A loaded model; creates one session per utterance. Thread-safe across sessions."""
+class AsrEngine:
+    """A loaded model, thread-safe across decodes (the runner calls it from worker threads).
+
+    Offline engines (`streaming` False) decode whole buffers with `decode`; streaming engines
+    create a `session` per utterance.
+    """
 
     model_id = ""
     language: str | None = None
+    languages: tuple[str, ...] = ()  # what the model can recognise (for describe/info)
+    streaming = False
 
-    @abc.abstractmethod
+    def decode(self, audio: np.ndarray) -> Transcript:
+        """One decode of float32 16 kHz mono audio (blocking; offline engines)."""
+        raise NotImplementedError
+
     def session(self) -> AsrSession:
-        """A fresh session."""
+        """A fresh streaming session (streaming engines)."""
+        raise NotImplementedError
 
     def transcribe(self, audio: np.ndarray) -> Transcript:
-        """Decode a whole recording (float32 16 kHz mono) in one go."""
+        """Decode a whole recording in one go."""
+        if not self.streaming:
+            return self.decode(audio)
         s = self.session()
         s.feed(audio)
         return s.finish()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -27,46 +26,6 @@ def model_directory(model: str, model_dir: Path | None) -> Path:
     from agent import models
 
     return models.path(model)
-
-
-class OfflineSession(AsrSession):
-    """Buffers the utterance; partials and the final re-decode the buffer."""
-
-    streaming = False
-
-    def __init__(self, engine: SherpaOfflineEngine) -> None:
-        self.engine = engine
-        self._chunks: list[np.ndarray] = []
-        self._n = 0
-        # (samples decoded, result) of the last partial: a final over the same audio is that.
-        self._last: tuple[int, Transcript] | None = None
-
-    def feed(self, samples: np.ndarray) -> None:
-        """Append (cheap: safe on the event loop)."""
-        self._chunks.append(samples)
-        self._n += len(samples)
-
-    @property
-    def fed_samples(self) -> int:
-        """Samples buffered."""
-        return self._n
-
-    def _audio(self) -> np.ndarray:
-        chunks = list(self._chunks)  # snapshot: feed() may append meanwhile
-        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
-
-    def partial(self) -> str:
-        """Decode the audio so far."""
-        audio = self._audio()
-        result = self.engine.decode(audio)
-        self._last = (len(audio), result)
-        return result.text
-
-    def finish(self) -> Transcript:
-        """Decode the whole utterance (decoding is deterministic: reuse a covering partial)."""
-        if self._last is not None and self._last[0] == self._n:
-            return dataclasses.replace(self._last[1], reused=True)
-        return self.engine.decode(self._audio())
 
 
 class SherpaOfflineEngine(AsrEngine):
@@ -104,10 +63,6 @@ class SherpaOfflineEngine(AsrEngine):
         log.info("ASR %s loaded (%s)", self.model_id,
                  ", ".join(p.name for p in files.values()))
 
-    def session(self) -> OfflineSession:
-        """A buffering session."""
-        return OfflineSession(self)
-
     def decode(self, audio: np.ndarray) -> Transcript:
         """One full decode (blocking; call from a worker thread)."""
         if len(audio) < PIPELINE_RATE // 10:
@@ -127,8 +82,6 @@ class SherpaOfflineEngine(AsrEngine):
 
 class OnlineSession(AsrSession):
     """Feeds a sherpa OnlineStream and decodes as audio arrives."""
-
-    streaming = True
 
     def __init__(self, engine: SherpaOnlineEngine) -> None:
         self.engine = engine
@@ -168,6 +121,8 @@ class OnlineSession(AsrSession):
 
 class SherpaOnlineEngine(AsrEngine):
     """sherpa_onnx.OnlineRecognizer for the official streaming models."""
+
+    streaming = True
 
     def __init__(self, cfg: SherpaOnlineAsrConfig) -> None:
         import sherpa_onnx

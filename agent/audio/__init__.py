@@ -1,5 +1,1 @@
-"""Audio sources: every one yields fixed-size 16 kHz mono int16 chunks."""
-
-from agent.audio.base import AudioSource, ErrorCallback, parse_source_spec
-
-__all__ = ["AudioSource", "ErrorCallback", "parse_source_spec"]
+"""Audio: sources (mic, file, stdin) yielding 16 kHz mono int16 chunks, upload decoding."""

@@ -5,14 +5,13 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 import numpy as np
 
-from agent.config import AudioConfig
 from agent.constants import PIPELINE_RATE
-from agent.errors import AgentError, AudioSourceError
+from agent.errors import AgentError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +28,16 @@ class AudioSource(abc.ABC):
         self.on_error: ErrorCallback = on_error or (lambda e: log.error("%s", e))
         self.stopping = asyncio.Event()
         self.dropped_chunks = 0
+        # What status reports: starting, ok, unavailable or stalled (with why), ended.
+        self.state = "starting"
+        self.reason: str | None = None
+        self.retry_at: float | None = None  # monotonic time of the next attempt to open
+        self.device: str | None = None
+
+    def mark(self, state: str, reason: str | None = None, retry_in: float | None = None) -> None:
+        """Record the input's state for health and status."""
+        self.state, self.reason = state, reason
+        self.retry_at = None if retry_in is None else time.monotonic() + retry_in
 
     @abc.abstractmethod
     def chunks(self) -> AsyncIterator[np.ndarray]:
@@ -45,39 +54,3 @@ class AudioSource(abc.ABC):
         except TimeoutError:
             return False
         return True
-
-
-def parse_source_spec(spec: str | None, cfg: AudioConfig) -> AudioConfig:
-    """`mic`, `mic:NAME_OR_INDEX`, `file:PATH`, `stdin`, `-` -> updated audio config."""
-    if spec is None:
-        return cfg
-    kind, _, arg = spec.partition(":")
-    if spec == "-" or kind == "stdin":
-        return cfg.model_copy(update={"source": "stdin"})
-    if kind == "mic":
-        dev: int | str | None = cfg.device
-        if arg:
-            dev = int(arg) if arg.isdigit() else arg
-        return cfg.model_copy(update={"source": "mic", "device": dev})
-    if kind == "file" and arg:
-        return cfg.model_copy(update={"source": "file", "file": Path(arg)})
-    raise AudioSourceError(
-        "bad_source", f"--source {spec!r}: expected mic, mic:DEVICE, file:PATH or stdin"
-    )
-
-
-def make_source(cfg: AudioConfig, on_error: ErrorCallback | None = None) -> AudioSource:
-    """Build the configured source (imports device libraries only when needed)."""
-    if cfg.source == "file":
-        from agent.audio.file import FileSource
-
-        if cfg.file is None:
-            raise AudioSourceError("bad_source", "audio.source is file but audio.file is unset")
-        return FileSource(cfg.file, cfg.block_ms, realtime=cfg.realtime, on_error=on_error)
-    if cfg.source == "stdin":
-        from agent.audio.stdin import StdinSource
-
-        return StdinSource(cfg.block_ms, rate=cfg.stdin_rate, on_error=on_error)
-    from agent.audio.mic import MicSource
-
-    return MicSource(cfg, on_error=on_error)

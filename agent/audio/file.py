@@ -110,6 +110,8 @@ class FileSource(AudioSource):
         block_s = self.block_samples / PIPELINE_RATE
         t0 = time.monotonic()
         n = 0
+        self.device = str(self.path)
+        self.mark("ok")
         async for block in self._decoded():
             pieces = rechunk.push(float_to_int16(block))
             for chunk in pieces:
@@ -127,3 +129,4 @@ class FileSource(AudioSource):
         tail = rechunk.flush()
         if tail is not None and not self.stopping.is_set():
             yield tail
+        self.mark("ended", "end of file")

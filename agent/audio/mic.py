@@ -132,11 +132,14 @@ class MicSource(AudioSource):
                 stream = self._open(loop)
             except AudioSourceError as e:
                 self.on_error(e)
+                self.mark("unavailable", e.message, retry_in=backoff)
                 if await self._sleep_or_stop(backoff):
                     return
                 backoff = min(backoff * 2, self.cfg.retry_max_s)
                 continue
             self.opened += 1
+            self.device = self.device_name
+            self.mark("ok")
             backoff = self.cfg.retry_initial_s
             self._queue.clear()
             res = Resampler(int(stream.samplerate))
@@ -166,10 +169,14 @@ class MicSource(AudioSource):
                             "device_lost", f"input {self.device_name!r} stopped (unplugged?)"
                         )
                     assert isinstance(item, np.ndarray)
+                    if self.state != "ok":
+                        self.mark("ok")
                     for chunk in rechunk.push(float_to_int16(res.process(item))):
                         yield chunk
             except AudioSourceError as e:
                 self.on_error(e)
+                self.mark("stalled" if e.code == "device_stalled" else "unavailable", e.message,
+                          retry_in=backoff)
             finally:
                 try:
                     stream.abort()

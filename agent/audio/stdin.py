@@ -31,6 +31,7 @@ class StdinSource(AudioSource):
         res = Resampler(self.rate)
         carry = b""
         read = getattr(self.stream, "read1", self.stream.read)
+        self.mark("ok")
         while not self.stopping.is_set():
             # A blocking read in a thread: works for pipes, files and ttys alike.
             data = await asyncio.to_thread(read, 8192)
@@ -48,3 +49,4 @@ class StdinSource(AudioSource):
         tail = rechunk.flush()
         if tail is not None:
             yield tail
+        self.mark("ended", "end of input")

@@ -4,9 +4,10 @@ The model was trained on `librosa.load(path, sr=48000, offset=0.5, duration=3)` 
 to 3 s, then `librosa.feature.mfcc(n_mfcc=40, n_fft=1024, win_length=512, window="hamming",
 n_mels=128, fmax=24000)`: a centred STFT (hop 512) of a periodic Hamming window zero-padded to
 1024 points, the power spectrum through a Slaney mel filterbank, `power_to_db` (ref 1, amin
-1e-10, top_db 80) and an orthonormal DCT-II -> 40 x 282. Training ran on librosa 0.8, whose
-STFT padded the edges by reflection (0.10 changed the default to zeros), so `pad_mode` is
-"reflect". Everything is parameterised by `FrontendSpec`, read from a model's model.json.
+1e-10, top_db 80) and an orthonormal DCT-II -> 40 x 282. The training code pins librosa
+0.8.0, whose STFT padded the edges by reflection (0.10 changed the default to zeros), so
+`pad_mode` is "reflect" (on the shared clips both give the same predictions). Everything is
+parameterised by `FrontendSpec`, read from a model's model.json.
 
 No librosa at run time: the pipeline's float32 16 kHz audio is upsampled with soxr.
 """
@@ -19,7 +20,6 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
-import soxr
 
 from agent.errors import EmotionError
 
@@ -132,27 +132,75 @@ def mel_filterbank(sr: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -
     return weights
 
 
-def dct_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """Orthonormal DCT-II basis (n_out x n_in), as scipy.fft.dct(norm="ortho") applies it."""
-    k = np.arange(n_out)[:, None]
-    n = np.arange(n_in)[None, :]
-    basis = np.cos(np.pi * k * (2 * n + 1) / (2.0 * n_in)) * np.sqrt(2.0 / n_in)
-    basis[0] /= np.sqrt(2.0)
-    return basis
+@dataclass(frozen=True)
+class _Tables:
+    """Precomputed per spec: window, the mel filterbank as two slope sets, DCT via FFT."""
+
+    window: np.ndarray  # win_length
+    bins: slice  # the FFT bins any filter covers
+    # Each bin feeds at most two triangles (its left and right neighbour's slopes); both
+    # triangle indices grow with the bin, so each slope set is a segmented sum (reduceat).
+    weights: tuple[np.ndarray, np.ndarray]  # per bin, float32
+    starts: tuple[np.ndarray, np.ndarray]  # segment starts (over the covered bins)
+    targets: tuple[np.ndarray, np.ndarray]  # the filter each segment adds into
+    dct_order: np.ndarray  # Makhoul's even/odd reordering of the mel axis
+    dct_twiddle: np.ndarray  # ortho-scaled exp(-i pi k / 2N), first n_mfcc
 
 
 @functools.lru_cache(maxsize=8)
-def _tables(spec: FrontendSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Window (win_length), mel filterbank and DCT basis, both transposed (cached per spec)."""
-    window = _WINDOWS[spec.window](spec.win_length)
+def _tables(spec: FrontendSpec) -> _Tables:
+    """Build (once per spec) what `mfcc` needs.
+
+    No BLAS on purpose: a dense (frames x bins) @ (bins x mels) product is 50x the work of
+    the ~1000 non-zero triangle weights, and OpenBLAS's thread pool stalls when the daemon's
+    other threads hold the cores.
+    """
     fb = mel_filterbank(spec.sample_rate, spec.n_fft, spec.n_mels, spec.fmin, spec.fmax)
-    dct = dct_matrix(spec.n_mfcc, spec.n_mels)
-    return window, np.ascontiguousarray(fb.T), np.ascontiguousarray(dct.T)
+    covered = np.flatnonzero(fb.any(axis=0))
+    lo, hi = int(covered[0]), int(covered[-1]) + 1
+    sub = fb[:, lo:hi] > 0
+    if (sub.sum(axis=0) > 2).any():
+        raise ValueError("mel filters overlap more than pairwise")  # not a triangle bank
+    n_bins = hi - lo
+    first = sub.argmax(axis=0)  # lowest triangle each bin feeds
+    last = spec.n_mels - 1 - sub[::-1].argmax(axis=0)  # highest (== first when only one)
+    cols = np.arange(n_bins)
+    w_first = fb[first, cols + lo]
+    w_last = np.where(last != first, fb[last, cols + lo], 0.0)
+    starts, targets = [], []
+    for rows in (first, last):
+        seg = np.flatnonzero(np.r_[True, np.diff(rows) != 0])
+        starts.append(seg)
+        targets.append(rows[seg])
+    n = spec.n_mels
+    order = np.r_[np.arange(0, n, 2), np.arange(n - 1 - (n % 2), 0, -2)]
+    k = np.arange(spec.n_mfcc)
+    twiddle = 2.0 * np.exp(-1j * np.pi * k / (2 * n)) * np.sqrt(1.0 / (2 * n))
+    twiddle[0] *= np.sqrt(0.5)
+    return _Tables(_WINDOWS[spec.window](spec.win_length), slice(lo, hi),
+                   (w_first.astype(np.float32), w_last.astype(np.float32)),
+                   (starts[0], starts[1]), (targets[0], targets[1]), order, twiddle)
+
+
+def _mel(power: np.ndarray, t: _Tables, n_mels: int) -> np.ndarray:
+    """frames x bins power -> frames x n_mels through the triangle bank (no dense product)."""
+    p = power[:, t.bins]
+    mel = np.zeros((len(power), n_mels), dtype=np.float32)
+    for w, starts, targets in zip(t.weights, t.starts, t.targets, strict=True):
+        # targets are unique per slope set (segments of one triangle are contiguous)
+        mel[:, targets] += np.add.reduceat(p * w, starts, axis=1)
+    return mel
+
+
+def _dct_ortho(x: np.ndarray, t: _Tables) -> np.ndarray:
+    """First n_mfcc orthonormal DCT-II coefficients along the last axis (Makhoul's FFT)."""
+    v = np.fft.fft(x[..., t.dct_order], axis=-1)[..., :len(t.dct_twiddle)]
+    return (v * t.dct_twiddle).real
 
 
 def mfcc(y: np.ndarray, spec: FrontendSpec) -> np.ndarray:
     """MFCCs (n_mfcc x frames, float32) of `y`, already at `spec.sample_rate` and cut to length."""
-    window, fb_t, dct_t = _tables(spec)
+    t = _tables(spec)
     x = np.asarray(y, dtype=np.float64)
     if spec.center:
         pad = spec.n_fft // 2
@@ -164,12 +212,13 @@ def mfcc(y: np.ndarray, spec: FrontendSpec) -> np.ndarray:
     n_frames = 1 + (len(x) - spec.n_fft) // spec.hop_length
     span = x[left:left + (n_frames - 1) * spec.hop_length + spec.win_length]
     frames = np.lib.stride_tricks.sliding_window_view(span, spec.win_length)[::spec.hop_length]
-    spectrum = np.fft.rfft(frames * window, n=spec.n_fft, axis=1)  # frames x bins
-    power = spectrum.real ** 2 + spectrum.imag ** 2
-    db = 10.0 * np.log10(np.maximum(power @ fb_t, 1e-10))  # frames x n_mels
+    spectrum = np.fft.rfft(frames * t.window, n=spec.n_fft, axis=1)  # frames x bins
+    power = (spectrum.real ** 2 + spectrum.imag ** 2).astype(np.float32)
+    mel = _mel(power, t, spec.n_mels)
+    db = 10.0 * np.log10(np.maximum(mel, 1e-10))  # frames x n_mels
     if spec.top_db is not None:
         db = np.maximum(db, db.max() - spec.top_db)
-    return np.ascontiguousarray((db @ dct_t).T, dtype=np.float32)
+    return np.ascontiguousarray(_dct_ortho(db, t).T, dtype=np.float32)
 
 
 def window_audio(audio: np.ndarray, spec: FrontendSpec, min_rest_s: float = 1.0) -> np.ndarray:
@@ -208,6 +257,8 @@ class MfccFrontend:
             return np.asarray(audio, dtype=np.float32)
         if sample_rate <= 0:
             raise EmotionError("bad_audio", f"sample rate must be positive, got {sample_rate}")
+        import soxr  # here, not at the top: the conversion environment needs only FrontendSpec
+
         out = soxr.resample(np.asarray(audio, dtype=np.float32), sample_rate,
                             self.spec.sample_rate, quality=self.resample_quality)
         return np.asarray(out, dtype=np.float32)

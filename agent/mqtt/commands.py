@@ -1,38 +1,22 @@
-"""Commands in over MQTT: payload validation, dispatch to the gate, one reply per command."""
+"""Commands in over MQTT: `cmd/<name>` -> the registry, one reply per command."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field
 
-from agent.errors import AgentError
-from agent.gate import GateController
+from agent import jsonsafe
+from agent.app.commands import CallContext, CommandRegistry
+from agent.errors import AgentError, CommandError
 from agent.mqtt.topics import valid_request_id
 
 log = logging.getLogger(__name__)
 
-# MQTT command name -> gate command. Later issues add `say`, `speakers/...` here.
-GATE_COMMANDS = {"ptt/start": "start", "ptt/stop": "stop", "ptt/reset": "reset",
-                 "ptt/toggle": "toggle"}
-
-
-class CommandError(AgentError):
-    """A command was refused before it changed anything."""
-
-    stage = "mqtt"
-
-
-class CommandPayload(BaseModel):
-    """What a command may carry: nothing, or `{"request_id": "..."}`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    request_id: str | None = None
+MAX_PAYLOAD = 16 * 2**20  # base64 uploads (transcribe, speakers) ride in the JSON payload
+MAX_ECHO = 80  # characters of a client's command name or request id echoed back or logged
 
 
 class ReplyError(BaseModel):
@@ -53,72 +37,70 @@ class Reply(BaseModel):
     ts: float = Field(default_factory=time.time)
 
 
-def parse_payload(raw: bytes) -> tuple[CommandPayload | None, str | None, CommandError | None]:
-    """(payload, request_id, error): the request id is recovered even from a bad payload."""
+def clip(text: str, n: int = MAX_ECHO) -> str:
+    """A client's string, cut for echoing and logging."""
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def parse_payload(raw: bytes) -> tuple[dict[str, Any], str | None]:
+    """(command payload, request_id); CommandError `bad_payload` / `bad_request_id`."""
+    if not raw.strip():
+        return {}, None
     try:
-        text = raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return None, None, CommandError("bad_payload", "payload is not UTF-8 text")
-    if not text:
-        return CommandPayload(), None, None
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        return None, None, CommandError("bad_payload", f"payload is not JSON: {e}")
-    if not isinstance(data, dict):
-        return None, None, CommandError(
-            "bad_payload", f"payload must be a JSON object, got {type(data).__name__}")
-    rid = data.get("request_id")
+        data = jsonsafe.loads_object(raw, max_bytes=MAX_PAYLOAD, what="payload")
+    except AgentError as e:
+        raise CommandError("bad_payload", e.message) from None
+    rid = data.pop("request_id", None)
     if rid is not None and not (isinstance(rid, str) and valid_request_id(rid)):
-        return None, None, CommandError(
-            "bad_request_id", "request_id must be 1-64 characters of A-Z a-z 0-9 _ . : - "
-                              f"(got {rid!r})")
+        raise CommandError("bad_request_id", "request_id must be 1-64 characters of "
+                           f"A-Z a-z 0-9 _ . : - (got {clip(repr(rid))})")
+    return data, rid
+
+
+def recover_request_id(raw: bytes) -> str | None:
+    """The request id of a payload that failed elsewhere, if it carries a valid one."""
     try:
-        payload = CommandPayload.model_validate(data)
-    except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "payload"
-            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-            problems.append(f"{where}: {msg}")
-        return None, rid, CommandError("bad_payload", "; ".join(problems))
-    return payload, rid, None
+        data = jsonsafe.loads_object(raw, max_bytes=MAX_PAYLOAD)
+    except AgentError:
+        return None
+    rid = data.get("request_id")
+    return rid if isinstance(rid, str) and valid_request_id(rid) else None
 
 
 class CommandRouter:
-    """Validates a command, runs it, and builds its reply; never raises."""
+    """Validates a command, runs it through the registry, and builds its reply; never raises."""
 
-    def __init__(self, gate: GateController) -> None:
-        self.gate = gate
-        self.handlers: dict[str, Callable[[CommandPayload], dict[str, Any]]] = {
-            name: self._gate_handler(cmd) for name, cmd in GATE_COMMANDS.items()}
+    def __init__(self, registry: CommandRegistry) -> None:
+        self.registry = registry
         self.handled = 0
         self.failed = 0
 
-    def _gate_handler(self, cmd: str) -> Callable[[CommandPayload], dict[str, Any]]:
-        def run(_: CommandPayload) -> dict[str, Any]:
-            return {"gate": self.gate.handle(cmd, reason="mqtt")}
-        return run
-
-    def handle(self, name: str, raw: bytes) -> Reply:
-        """Run command `name` (e.g. `ptt/start`) with payload `raw`."""
-        payload, rid, err = parse_payload(raw)
-        result: dict[str, Any] | None = None
-        if err is None:
-            assert payload is not None
-            handler = self.handlers.get(name)
-            if handler is None:
-                err = CommandError("unknown_command", f"unknown command {name!r}; expected one "
-                                                      f"of {', '.join(sorted(self.handlers))}")
-            else:
-                try:
-                    result = handler(payload)
-                except AgentError as e:
-                    err = CommandError(e.code, e.message)
+    async def busy(self, name: str, raw: bytes) -> Reply:
+        """The reply to a command refused because too many are running."""
         self.handled += 1
-        if err is not None:
+        self.failed += 1
+        return Reply(request_id=recover_request_id(raw), command=clip(name), ok=False,
+                     error=ReplyError(code="busy", message="too many commands running; "
+                                      "try again"))
+
+    async def handle(self, name: str, raw: bytes) -> Reply:
+        """Run command `name` (e.g. `ptt/start`) with payload `raw`."""
+        rid: str | None = None
+        shown = clip(name)
+        self.handled += 1
+        try:
+            if not name:
+                raise CommandError("unknown_command", "no command name: publish to "
+                                   "cmd/<name>, e.g. cmd/ptt/start")
+            payload, rid = parse_payload(raw)
+            result = await self.registry.dispatch(
+                name, payload, CallContext(surface="mqtt", client="mqtt", loopback=False,
+                                           request_id=rid))
+        except AgentError as e:
             self.failed += 1
-            log.warning("MQTT command %s refused: %s", name, err)
-            return Reply(request_id=rid, command=name, ok=False,
-                         error=ReplyError(code=err.code, message=err.message))
-        return Reply(request_id=rid, command=name, ok=True, result=result)
+            rid = rid or recover_request_id(raw)
+            log.warning("MQTT command %s refused: %s/%s", shown, e.code, clip(e.message, 200))
+            return Reply(request_id=rid, command=shown, ok=False,
+                         error=ReplyError(code=e.code, message=e.message))
+        return Reply(request_id=rid, command=shown, ok=True,
+                     result=result.model_dump(mode="json"))

@@ -10,15 +10,16 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiomqtt
 
+from agent.app.core import App
+from agent.app.service import Service
 from agent.config import Config
-from agent.daemon import Service
 from agent.events import BaseEvent
 from agent.mqtt.client import Backoff, BrokerError, classify, make_client, tls_context
-from agent.mqtt.commands import CommandRouter
+from agent.mqtt.commands import CommandRouter, Reply
 from agent.mqtt.discovery import discovery_messages
 from agent.mqtt.outbox import Entry, Outbox
 from agent.mqtt.topics import (
@@ -31,9 +32,6 @@ from agent.mqtt.topics import (
     event_rank,
 )
 
-if TYPE_CHECKING:
-    from agent.daemon import Daemon
-
 log = logging.getLogger(__name__)
 
 # Publishes awaiting their acknowledgement at once: enough to fill a LAN round trip.
@@ -41,6 +39,8 @@ MAX_INFLIGHT = 20
 # State changes come in bursts (utterance ended, final): publish the snapshot once per burst,
 # a little later, so the daemon's state tracker has seen the event too.
 STATE_COALESCE_S = 0.1
+# Commands run concurrently (an upload must not hold up a PTT stop behind it), this many at once.
+MAX_CONCURRENT_COMMANDS = 8
 # At most one `outbox_overflow` error event this often.
 DROP_REPORT_INTERVAL_S = 5.0
 STATE_EVENTS = frozenset({"state.changed", "utterance.started", "utterance.ended",
@@ -81,15 +81,17 @@ class MqttService(Service):
 
     name = "mqtt"
 
-    def __init__(self, daemon: Daemon) -> None:
-        super().__init__(daemon)
-        self.cfg = daemon.cfg.mqtt
-        self.device_id = daemon.cfg.device_id
+    def __init__(self, app: App) -> None:
+        super().__init__(app)
+        self.cfg = app.cfg.mqtt
+        self.device_id = app.cfg.device_id
         self.topics = Topics.for_config(self.cfg, self.device_id)
-        self.sub = daemon.bus.subscribe(daemon.cfg.events.queue_size, name="mqtt")
+        self.sub = app.bus.subscribe(app.cfg.events.queue_size, name="mqtt")
         self.outbox = Outbox(self.cfg.outbox_size,
-                             outbox_path(daemon.cfg) if self.cfg.outbox_persist else None)
-        self.router = CommandRouter(daemon.gate)
+                             outbox_path(app.cfg) if self.cfg.outbox_persist else None)
+        self.router = CommandRouter(app.commands)
+        self._commands: set[asyncio.Task[None]] = set()
+        self._command_slots = asyncio.Semaphore(MAX_CONCURRENT_COMMANDS)
         self.stats = MqttStats()
         self.connected = asyncio.Event()
         self._closing = asyncio.Event()  # the bus closed: deliver what is left, then leave
@@ -225,7 +227,7 @@ class MqttService(Service):
             if self.outbox.dropped_total > self._drops_reported:
                 self._drops_reported = self.outbox.dropped_total
                 counts = ", ".join(f"{k} {v}" for k, v in sorted(self.outbox.dropped.items()))
-                self.daemon.report(BrokerError(
+                self.app.report(BrokerError(
                     "outbox_overflow", f"outbox full ({self.outbox.maxsize}): "
                     f"{self._drops_reported} messages dropped since start ({counts})"))
             await asyncio.sleep(DROP_REPORT_INTERVAL_S)
@@ -248,7 +250,7 @@ class MqttService(Service):
         self.connected.set()
         if self.outbox.persist_error and not self._persist_reported:
             self._persist_reported = True
-            self.daemon.report(BrokerError("outbox_persist", self.outbox.persist_error))
+            self.app.report(BrokerError("outbox_persist", self.outbox.persist_error))
 
     def _failed(self, err: BrokerError) -> None:
         self.stats.failures += 1
@@ -260,7 +262,7 @@ class MqttService(Service):
         # must not fill the outbox with its own error events.
         if first or (err.code in _CONFIG_CODES and err.code != self._reported):
             self._reported = err.code
-            self.daemon.report(err)
+            self.app.report(err)
         else:
             log.debug("MQTT: %s", err)
 
@@ -315,9 +317,24 @@ class MqttService(Service):
                 log.warning("MQTT: retained command on %s ignored", topic)
                 continue
             self.stats.commands += 1
-            reply = self.router.handle(name, raw)
-            self.outbox.put(self.topics.reply(reply.request_id), reply.model_dump_json(),
-                            REPLY_QOS, RANK_FINAL, "reply")
+            if self._command_slots.locked():
+                # Past the limit the reply says so at once: nothing piles up unbounded.
+                self._reply(await self.router.busy(name, raw))
+                continue
+            await self._command_slots.acquire()
+            task = asyncio.create_task(self._run_command(name, raw), name=f"mqtt-cmd:{name}")
+            self._commands.add(task)
+            task.add_done_callback(self._commands.discard)
+
+    async def _run_command(self, name: str, raw: bytes) -> None:
+        try:
+            self._reply(await self.router.handle(name, raw))
+        finally:
+            self._command_slots.release()
+
+    def _reply(self, reply: Reply) -> None:
+        self.outbox.put(self.topics.reply(reply.request_id), reply.model_dump_json(),
+                        REPLY_QOS, RANK_FINAL, "reply")
 
     async def _state_loop(self, client: aiomqtt.Client) -> None:
         """Keep the retained `state` topic current, one publish per burst of changes."""
@@ -334,7 +351,7 @@ class MqttService(Service):
 
     def state_payload(self) -> str:
         """The daemon's snapshot plus this front-end's own counters, as JSON."""
-        snap = self.daemon.snapshot()
+        snap = self.app.snapshot().model_dump(mode="json")
         snap["mqtt"] = {"outbox": len(self.outbox), "dropped": self.outbox.dropped_total,
                         "connects": self.stats.connects}
         return json.dumps(snap, default=str)

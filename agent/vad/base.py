@@ -6,7 +6,6 @@ import abc
 
 import numpy as np
 
-from agent.config import SileroVadConfig, VadConfig, WebrtcVadConfig
 from agent.constants import PIPELINE_RATE
 
 
@@ -31,15 +30,3 @@ class Vad(abc.ABC):
 
     def reset(self) -> None:  # noqa: B027 - stateless backends need nothing
         """Forget recurrent state (new gate session)."""
-
-
-def make_vad(cfg: VadConfig) -> Vad:
-    """Build the configured backend."""
-    if isinstance(cfg, WebrtcVadConfig):
-        from agent.vad.webrtc import WebrtcVad
-
-        return WebrtcVad(cfg)
-    assert isinstance(cfg, SileroVadConfig)
-    from agent.vad.silero import SileroVad
-
-    return SileroVad(cfg)

@@ -1,16 +1,15 @@
-"""Utterance analysers: each consumes the same utterance audio in parallel, at its own pace."""
+"""The analyser hub: every analyser consumes the same utterance audio in parallel, at its pace."""
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import numpy as np
 
+from agent.analysis import Analyser, Utterance
 from agent.bus import Publisher
 from agent.errors import AgentError
 from agent.events import ErrorEvent
@@ -18,38 +17,6 @@ from agent.events import ErrorEvent
 log = logging.getLogger(__name__)
 
 _END = object()
-
-
-@dataclass
-class Utterance:
-    """What an analyser knows about the utterance it is given."""
-
-    id: str
-    session_id: str | None
-    start_s: float
-    end_s: float | None = None
-    end_reason: str | None = None
-    end_mono: float | None = None  # when the end was known: VAD end or PTT release
-    ended: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def aborted(self) -> bool:
-        """Reset utterances are abandoned: analysers publish nothing for them."""
-        return self.end_reason == "reset"
-
-
-class Analyser(abc.ABC):
-    """Consumes one utterance's 16 kHz int16 audio and publishes its own events."""
-
-    name = "analyser"
-
-    @abc.abstractmethod
-    async def analyse(self, utt: Utterance, audio: AsyncIterator[np.ndarray],
-                      pub: Publisher) -> None:
-        """Runs once per utterance; `audio` ends when the utterance ends."""
-
-    async def close(self) -> None:  # noqa: B027 - optional hook, most analysers hold nothing
-        """Release models and threads."""
 
 
 async def _iter_queue(q: asyncio.Queue[object]) -> AsyncIterator[np.ndarray]:

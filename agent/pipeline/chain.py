@@ -11,12 +11,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.analysers import AnalyserHub, Utterance
+from agent.analysis import Utterance
 from agent.bus import Publisher
 from agent.config import SegmenterConfig
 from agent.constants import PIPELINE_RATE
 from agent.events import SpeechEnded, SpeechStarted, UtteranceEnded, UtteranceStarted
-from agent.gate import GateController, GateMarker, new_id
+from agent.pipeline.gate import GateController, GateMarker, new_id
+from agent.pipeline.hub import AnalyserHub
 from agent.vad.base import Vad
 from agent.vad.segmenter import Segmenter, SegmenterParams
 

@@ -1,0 +1,1 @@
+"""The application layer: status, command and analyser registries, the decode runner."""

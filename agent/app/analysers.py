@@ -1,0 +1,63 @@
+"""The analyser registry: name -> build(config, runner) -> Analyser, or None when it is off.
+
+A new analyser is enabled by config alone: its factory reads its own config section and
+returns nothing when that section says it is disabled. A factory that raises an AgentError
+(a model that is missing or will not load) is reported; the daemon goes on without it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from agent.analysis import Analyser, Runner
+from agent.config import Config, SherpaOfflineAsrConfig
+from agent.errors import AgentError
+
+log = logging.getLogger(__name__)
+
+Factory = Callable[[Config, Runner], Analyser | None]
+ANALYSERS: dict[str, Factory] = {}
+
+
+def analyser(name: str) -> Callable[[Factory], Factory]:
+    """Register an analyser factory under `name`."""
+    def deco(fn: Factory) -> Factory:
+        ANALYSERS[name] = fn
+        return fn
+    return deco
+
+
+def build_analysers(cfg: Config, runner: Runner,
+                    report: Callable[[AgentError], None]) -> dict[str, Analyser]:
+    """Every enabled analyser (blocking: models load here); failures are reported, skipped."""
+    out: dict[str, Analyser] = {}
+    for name, factory in ANALYSERS.items():
+        try:
+            a = factory(cfg, runner)
+        except AgentError as e:
+            # That analysis is lost, but capture, gate, VAD and the other analysers go on.
+            report(e)
+            continue
+        if a is not None:
+            out[name] = a
+    return out
+
+
+@analyser("asr")
+def _asr(cfg: Config, runner: Runner) -> Analyser | None:
+    if not cfg.asr.enabled:
+        return None
+    from agent.asr.analyser import AsrAnalyser
+    from agent.asr.schedule import StreamParams
+    from agent.asr.sherpa import make_engine
+
+    engine = make_engine(cfg.asr)
+    a = cfg.asr
+    if isinstance(a, SherpaOfflineAsrConfig):
+        params = StreamParams(partials=a.partials, interval_s=a.partial_interval_ms / 1000,
+                              min_audio_s=a.partial_min_audio_ms / 1000, segments=a.segments,
+                              pause_s=a.segment_pause_ms / 1000, min_segment_s=a.segment_min_s)
+    else:
+        params = StreamParams()
+    return AsrAnalyser(engine, runner, params)

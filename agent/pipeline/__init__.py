@@ -1,0 +1,1 @@
+"""The audio chain: gate, VAD, segmenter, and the hub that fans utterances out to analysers."""
