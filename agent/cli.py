@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
-from agent import __version__
+from agent import __version__, logsetup, service_install
 from agent.config import Config, load_config
 from agent.errors import AgentError, ConfigError
 from agent.models.cli import add_models_arguments
@@ -37,13 +41,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """Run the daemon."""
+def _overrides(args: argparse.Namespace) -> Callable[[Config], Config]:
+    """The command line's changes to a config (applied again on every reload)."""
     from agent.audio.sources import parse_source_spec
-    from agent.daemon import Daemon
 
-    cfg = _config_or_exit(args.config)
-    try:
+    def apply(cfg: Config) -> Config:
         audio = parse_source_spec(args.source, cfg.audio)
         if args.mode:
             cfg = cfg.model_copy(update={"gate": cfg.gate.model_copy(update={"mode": args.mode})})
@@ -52,13 +54,57 @@ def cmd_run(args: argparse.Namespace) -> int:
         elif args.source and args.source.startswith("file:"):
             # A recording given on the command line is processed as fast as possible.
             audio = audio.model_copy(update={"realtime": False})
-        cfg = cfg.model_copy(update={"audio": audio})
-        logging.getLogger().setLevel(cfg.log_level.upper())
-        daemon = Daemon(cfg, events_target=args.events)
+        return cfg.model_copy(update={"audio": audio})
+
+    return apply
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the daemon."""
+    from agent import logsetup, notify
+    from agent.daemon import Daemon
+
+    notify.init()  # NOTIFY_SOCKET is ours: children must not inherit it
+    cfg = _config_or_exit(args.config)
+    overrides = _overrides(args)
+    try:
+        cfg = overrides(cfg)
+        logsetup.setup_logging("debug" if args.verbose else cfg.log_level,
+                               secrets=logsetup.secrets_of(cfg))
+        to_stdout = args.events == "-"
+        # The live line and keyboard push-to-talk are for a person at a terminal.
+        terminal = sys.stdout.isatty() and not to_stdout
+        keyboard = (sys.stdin.isatty() and cfg.audio.source != "stdin"
+                    and cfg.gate.mode != "vad")
+        daemon = Daemon(cfg, events_target=args.events, terminal=terminal, keyboard=keyboard,
+                        banner=sys.stderr if to_stdout else sys.stdout,
+                        config_path=args.config, overrides=overrides)
     except AgentError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    return asyncio.run(daemon.run())
+    daemon.on_shutdown.append(_exit_deadline)
+    rc = asyncio.run(daemon.run())
+    _hard_exit(rc)
+    return rc  # not reached
+
+
+def _exit_deadline() -> None:
+    """SIGTERM exits within the shutdown grace + 1 s, whatever a device or decode is doing."""
+    from agent.daemon import SHUTDOWN_GRACE_S
+
+    timer = threading.Timer(SHUTDOWN_GRACE_S + 0.8, _hard_exit, args=(0,))
+    timer.daemon = True
+    timer.start()
+
+
+def _hard_exit(rc: int) -> None:
+    # Worker threads still in a model call or a device read would be joined at interpreter
+    # exit; everything that matters is flushed by now, so leave without waiting for them.
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(rc)
 
 
 async def _transcribe_files(cfg: Config, files: list[str], as_json: bool) -> int:
@@ -130,6 +176,11 @@ def cmd_devices(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(json.dumps(devices, indent=2))
+    elif not devices:
+        print("no input devices (PortAudio sees none). Plug in a microphone, check that your "
+              "user may use it (group `audio`, or a PulseAudio/PipeWire session), or run "
+              "without one: --source file:REC.wav or --source stdin; the kiosk's browser "
+              "microphone works either way.")
     else:
         for d in devices:
             print(f"{d['index']:3d}  {d['name']}  ({d['channels']} ch, "
@@ -183,16 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
     mo = sub.add_parser("models", help="list, install, verify and locate ONNX models")
     add_models_arguments(mo)
     mo.set_defaults(func=cmd_models)
+
+    sv = sub.add_parser("service", help="run under systemd")
+    inst = sv.add_subparsers(dest="service_cmd", required=True).add_parser(
+        "install", help="write the unit, the user and the directories (--dry-run: show)")
+    service_install.add_arguments(inst)
+    inst.set_defaults(func=service_install.run)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `voice-agent` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logsetup.setup_logging("debug" if args.verbose else "info")
     try:
         rc: int = args.func(args)
     except KeyboardInterrupt:

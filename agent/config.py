@@ -190,7 +190,7 @@ class MqttConfig(_Model):
 class ApiConfig(_Model):
     """Local HTTP + WebSocket API and the kiosk page."""
 
-    enabled: bool = False
+    enabled: bool = True  # on loopback by default: the kiosk is how a new user sees the daemon
     host: str = "127.0.0.1"
     port: int = Field(default=8765, ge=0, le=65535)  # 0: any free port (logged)
     key: SecretStr | None = None
@@ -219,10 +219,99 @@ class ApiConfig(_Model):
 
 
 class DashscopeConfig(_Model):
-    """Alibaba DashScope (cloud LLM + TTS for replies)."""
+    """Alibaba DashScope: the cloud LLM and TTS for replies."""
 
-    api_key: SecretStr | None = None
-    base_url: str | None = None
+    api_key: SecretStr | None = None  # secret: VOICE_AGENT__DASHSCOPE__API_KEY (or the
+    # DASHSCOPE_API_KEY variable the SDK uses)
+    base_url: str | None = None  # HTTP API; null = https://dashscope.aliyuncs.com/api/v1
+    ws_url: str | None = None  # TTS WebSocket; null = wss://dashscope.aliyuncs.com/api-ws/v1/inference
+    retries: int = Field(default=2, ge=0, le=10)  # before any text/audio: 429, 5xx, unreachable
+    backoff_initial_s: float = Field(default=0.25, gt=0, le=30)
+    backoff_max_s: float = Field(default=2.0, gt=0, le=120)
+
+
+class LlmConfig(_Model):
+    """The reply's language model."""
+
+    model: str = "qwen-turbo"
+    system_prompt: str = ("You are a concise voice assistant for a home or office. Answer in "
+                          "one or two short sentences, in the language you are spoken to.")
+    first_text_timeout_s: float = Field(default=8.0, gt=0, le=120)
+    idle_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    parameters: dict[str, Any] = Field(default_factory=dict)  # passed through (temperature...)
+
+
+class CosyVoiceConfig(_Model):
+    """DashScope CosyVoice streaming TTS."""
+
+    model: str = "cosyvoice-v2"
+    voice: str = "longxiaochun_v2"
+    sample_rate: Literal[8000, 16000, 22050, 24000, 44100, 48000] = 16000
+    volume: int = Field(default=50, ge=0, le=100)
+    speech_rate: float = Field(default=1.0, ge=0.5, le=2.0)
+    pitch_rate: float = Field(default=1.0, ge=0.5, le=2.0)
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    first_audio_timeout_s: float = Field(default=8.0, gt=0, le=120)
+    idle_timeout_s: float = Field(default=10.0, gt=0, le=300)
+
+
+class PiperConfig(_Model):
+    """The local Piper voice (works with no cloud at all)."""
+
+    model: str = "piper-joe-us"
+    length_scale: float | None = Field(default=None, gt=0.1, le=5)  # null: the voice's own
+    volume: float = Field(default=1.0, gt=0, le=4)
+
+
+class ReplyConfig(_Model):
+    """Spoken replies: LLM text -> sentence chunks -> TTS -> speaker and kiosks."""
+
+    enabled: bool = False  # a final transcript triggers a reply (needs a DashScope key)
+    tts: Literal["cosyvoice", "piper"] = "cosyvoice"  # piper: local voice, no cloud
+    offline_text: str = "Sorry, I can't reach the cloud right now."
+    chunk_min_weight: int = Field(default=8, ge=1, le=200)
+    chunk_max_weight: int = Field(default=160, ge=20, le=2000)
+    history_turns: int = Field(default=6, ge=0, le=100)
+    history_idle_s: float = Field(default=300.0, gt=0)
+    conversation: Literal["device", "speaker"] = "device"  # whose history a reply continues
+    # half: while the daemon speaks, the VAD ignores the microphone (PTT still barges in);
+    # full: needs an echo-cancelled source (PulseAudio/PipeWire module-echo-cancel).
+    duplex: Literal["half", "full"] = "half"
+    llm: LlmConfig = LlmConfig()
+    cosyvoice: CosyVoiceConfig = CosyVoiceConfig()
+    piper: PiperConfig = PiperConfig()
+
+
+class PlaybackConfig(_Model):
+    """The local speaker for replies (sounddevice output, resampled with soxr)."""
+
+    enabled: bool = True
+    device: int | str | None = None  # index or name substring; null = system default
+    sample_rate: int | None = None  # null: the device default
+    block_ms: int = Field(default=10, ge=2, le=100)
+    latency_s: float = Field(default=0.03, gt=0, le=1)
+    buffer_s: float = Field(default=2.0, gt=0.1, le=60)
+
+
+class EmotionConfig(_Model):
+    """Speech emotion on every utterance."""
+
+    enabled: bool = True
+    models: list[str] = Field(default_factory=lambda: ["ser-ravdess-cnn-int8"], min_length=1)
+    threads: int = Field(default=1, ge=1, le=16)  # ONNX intra-op threads per call
+    min_audio_s: float = Field(default=0.25, ge=0.05, le=5)  # shorter: too_short
+    session_window_s: float = Field(default=300.0, gt=0)  # vad mode: a summary per window
+    max_sessions: int = Field(default=1000, ge=1, le=1_000_000)
+    sense_voice_from_asr: bool = True  # SenseVoice's own emotion tag joins the ensemble
+
+
+class WyomingConfig(_Model):
+    """Wyoming protocol server for Home Assistant Assist (STT and TTS)."""
+
+    enabled: bool = False
+    host: str = "0.0.0.0"  # Home Assistant usually runs on another machine
+    port: int = Field(default=10300, ge=0, le=65535)
+    zeroconf: bool = True  # advertise _wyoming._tcp so Home Assistant finds it
 
 
 class RuntimeConfig(_Model):
@@ -232,6 +321,13 @@ class RuntimeConfig(_Model):
     decode_workers: int | None = Field(default=None, ge=1, le=64)
     # Upload requests (transcribe, analyze) queued at once; past it: 503 with Retry-After.
     upload_queue: int = Field(default=32, ge=1, le=10_000)
+    # Execution provider for every ONNX model: cpu, cuda or tensorrt (NVIDIA GPU, Jetson).
+    # Unavailable: one warning, then the next one down (tensorrt -> cuda -> cpu) ...
+    provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
+    # ... or, with strict, the model fails to load (model/provider_unavailable).
+    strict: bool = False
+    gpu_device: int = Field(default=0, ge=0, le=63)
+    trt_cache_dir: Path | None = None  # TensorRT engine cache; null: <state_dir>/trt-cache
 
 
 class RateConfig(_Model):
@@ -265,6 +361,10 @@ class Config(_Model):
     events: EventsConfig = EventsConfig()
     mqtt: MqttConfig = MqttConfig()
     api: ApiConfig = ApiConfig()
+    wyoming: WyomingConfig = WyomingConfig()
+    emotion: EmotionConfig = EmotionConfig()
+    reply: ReplyConfig = ReplyConfig()
+    playback: PlaybackConfig = PlaybackConfig()
     dashscope: DashscopeConfig = DashscopeConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     limits: LimitsConfig = LimitsConfig()

@@ -242,6 +242,7 @@ class ErrorEvent(BaseEvent):
     code: str
     message: str
     fatal: bool = False
+    reply_id: str | None = None  # the reply it concerns, if any
 
 
 EVENT_CLASSES: tuple[type[BaseEvent], ...] = (

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import WSCloseCode, web
 
-from agent import __version__
+from agent import __version__, providers
 from agent.api.metrics import ApiMetrics, Labels
 from agent.app.commands import CallContext, Surface
 from agent.app.core import App
@@ -69,6 +69,10 @@ class ApiContext:
         m.gauge("voice_agent_build_info", "Version and device of this daemon",
                 lambda: one(1, version=__version__, device_id=a.cfg.device_id,
                             provider=a.provider))
+        m.gauge("voice_agent_execution_provider", "Execution provider each model runs on "
+                "(runtime.provider, after any fallback)",
+                lambda: {(("component", c), ("provider", p)): 1.0
+                         for c, p in providers.in_use().items()})
         m.gauge("voice_agent_ready", "1 once models are loaded and the front-ends listen",
                 lambda: one(a.ready.is_set()))
         m.gauge("voice_agent_healthy", "1 when health is ok (0: starting, degraded, stopping)",

@@ -52,7 +52,7 @@ def _asr(cfg: Config, runner: Runner) -> Analyser | None:
     from agent.asr.schedule import StreamParams
     from agent.asr.sherpa import make_engine
 
-    engine = make_engine(cfg.asr)
+    engine = make_engine(cfg.asr, cfg.runtime)
     a = cfg.asr
     if isinstance(a, SherpaOfflineAsrConfig):
         params = StreamParams(partials=a.partials, interval_s=a.partial_interval_ms / 1000,

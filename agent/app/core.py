@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from agent import __version__
+from agent import __version__, providers
 from agent.analysis import Analyser
 from agent.app.analysers import build_analysers
 from agent.app.commands import CommandRegistry
@@ -30,7 +30,8 @@ from agent.pipeline.gate import GateController
 log = logging.getLogger(__name__)
 
 
-def _limiter(cfg: Config) -> RateLimiter:
+def limiter_for(cfg: Config) -> RateLimiter:
+    """The registry's rate limiter for a config."""
     lim = cfg.limits
     return RateLimiter(Rate(lim.default.rate_per_s, lim.default.burst),
                        {k: Rate(v.rate_per_s, v.burst) for k, v in lim.per_command.items()},
@@ -48,7 +49,7 @@ class App:
         self.gate = GateController(cfg.gate.mode, self.pub, cfg.gate.max_hold_s)
         self.runner = DecodeRunner(cfg.runtime.decode_workers,
                                    upload_limit=cfg.runtime.upload_queue)
-        self.commands = CommandRegistry(_limiter(cfg))
+        self.commands = CommandRegistry(limiter_for(cfg))
         self.tracker = StatusTracker()
         self._status_sub = self.bus.subscribe(cfg.events.queue_size, name="status")
         self.analysers: dict[str, Analyser] = {}
@@ -58,10 +59,12 @@ class App:
         self.stopped = asyncio.Event()  # pipeline done, bus closed: services wind down
         self.stopping = False
         self.problems: dict[str, str] = {}  # what is missing: stage -> why
-        self.provider = "cpu"
         self.started = time.monotonic()
         # Stage latencies measured by commands, for whichever front-end keeps metrics.
         self.latency_observers: list[Callable[[str, float], None]] = []
+        # Capabilities that can take a reloaded config live: (old, new) -> what still needs a
+        # restart (config paths), [] when all of it applied.
+        self.reload_hooks: list[Callable[[Config, Config], list[str]]] = []
 
     # -- errors -----------------------------------------------------------------------------
 
@@ -112,6 +115,11 @@ class App:
                            device=src.device, reason=src.reason, retry_in_s=retry,
                            dropped_chunks=src.dropped_chunks)
 
+    @property
+    def provider(self) -> str:
+        """The execution provider the models really run on (cpu, cuda, tensorrt, mixed)."""
+        return providers.summary()
+
     def models_status(self) -> ModelsStatus:
         """Loaded model ids."""
         return ModelsStatus(asr=self.analyser_model("asr"), vad=self.vad_name,
@@ -135,7 +143,7 @@ class App:
                       device_id=self.cfg.device_id, ready=self.ready.is_set(),
                       uptime_s=round(time.monotonic() - self.started, 1),
                       models=self.models_status(), audio=audio, problems=problems,
-                      provider=self.provider)
+                      provider=self.provider, providers=dict(providers.in_use()))
 
     def gate_status(self) -> GateStatus:
         """The gate."""

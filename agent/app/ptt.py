@@ -1,4 +1,9 @@
-"""Push-to-talk commands: `ptt/start`, `ptt/stop`, `ptt/reset`, `ptt/toggle`."""
+"""Push-to-talk commands: `ptt/start`, `ptt/stop`, `ptt/reset`, `ptt/toggle`, and `listening`.
+
+`listening` sets the gate to a wanted state (`{"on": true}` opens it, `{"on": false}` closes
+it) and does nothing when it is already there: what a switch needs (Home Assistant's
+"Listening" switch), where `ptt/toggle` would flip a gate that someone else already opened.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,9 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from agent.app.commands import CallContext, Command, Empty
+from agent.app.commands import CallContext, Command, Empty, Payload
 from agent.app.status import GateStatus
+from agent.errors import GateError
 from agent.pipeline.gate import COMMANDS
 
 if TYPE_CHECKING:
@@ -21,6 +27,12 @@ class PttResult(BaseModel):
     ok: bool = True
     command: str  # the gate command: start, stop, reset, toggle
     gate: GateStatus
+
+
+class ListeningRequest(Payload):
+    """The gate state wanted: open (`on`) or closed."""
+
+    on: bool
 
 
 SUMMARIES = {
@@ -38,9 +50,32 @@ def _handler(app: App, gate_cmd: str) -> Callable[[Empty, CallContext], Awaitabl
     return handler
 
 
+def _listening(app: App) -> Callable[[ListeningRequest, CallContext], Awaitable[PttResult]]:
+    async def handler(req: ListeningRequest, ctx: CallContext) -> PttResult:
+        gate = app.gate
+        if gate.mode == "vad":
+            # Refused like the ptt commands: in vad mode the VAD alone decides.
+            raise GateError("wrong_mode", "'listening' needs gate.mode ptt or ptt_toggle; the "
+                            "gate is in vad mode (always listening)")
+        want = "open" if req.on else "closed"
+        command = "none"
+        if gate.state != want:
+            # `start` opens a closed gate in both ptt modes (in ptt_toggle it toggles, and the
+            # gate is closed here); `stop` closes in both.
+            command = "start" if req.on else "stop"
+            gate.handle(command, reason=ctx.surface)
+        return PttResult(command=command, gate=app.gate_status())
+    return handler
+
+
 def register(app: App) -> None:
-    """Add the four gate commands."""
+    """Add the four gate commands and `listening`."""
     for gate_cmd in COMMANDS:
         app.commands.add(Command(
             f"ptt/{gate_cmd}", Empty, PttResult, _handler(app, gate_cmd), SUMMARIES[gate_cmd],
             errors={409: "refused: the gate is in vad mode (wrong_mode)"}))
+    app.commands.add(Command(
+        "listening", ListeningRequest, PttResult, _listening(app),
+        "Set listening on (open the gate) or off (close it); nothing changes when it already "
+        "is (`command` says what was done: start, stop or none)",
+        errors={409: "refused: the gate is in vad mode (wrong_mode)"}))

@@ -110,7 +110,8 @@ class Health(_Out):
     models: ModelsStatus
     audio: AudioStatus
     problems: list[str] = []
-    provider: str = "cpu"
+    provider: str = "cpu"  # what the models run on: cpu, cuda, tensorrt, or mixed
+    providers: dict[str, str] = {}  # per model: asr, vad, speaker, emotion -> provider
 
 
 class Status(Health):

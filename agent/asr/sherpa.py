@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from agent import providers
 from agent.asr.base import AsrEngine, AsrSession, Transcript, collapse_loops
 from agent.asr.files import check_files, resolve_files
-from agent.config import SherpaOfflineAsrConfig, SherpaOnlineAsrConfig
+from agent.config import RuntimeConfig, SherpaOfflineAsrConfig, SherpaOnlineAsrConfig
 from agent.constants import PIPELINE_RATE
 from agent.errors import ModelError
 
@@ -31,7 +32,7 @@ def model_directory(model: str, model_dir: Path | None) -> Path:
 class SherpaOfflineEngine(AsrEngine):
     """sherpa_onnx.OfflineRecognizer: Whisper, SenseVoice or paraformer."""
 
-    def __init__(self, cfg: SherpaOfflineAsrConfig) -> None:
+    def __init__(self, cfg: SherpaOfflineAsrConfig, provider: str = "cpu") -> None:
         import sherpa_onnx
 
         self.cfg = cfg
@@ -47,16 +48,17 @@ class SherpaOfflineEngine(AsrEngine):
                 self._rec = sherpa_onnx.OfflineRecognizer.from_whisper(
                     encoder=f["encoder"], decoder=f["decoder"], tokens=f["tokens"],
                     language=cfg.language, task="transcribe", num_threads=cfg.threads,
-                    tail_paddings=cfg.tail_paddings,
+                    tail_paddings=cfg.tail_paddings, provider=provider,
                 )
             elif cfg.model_type == "sense_voice":
                 self._rec = sherpa_onnx.OfflineRecognizer.from_sense_voice(
                     model=f["model"], tokens=f["tokens"], num_threads=cfg.threads,
-                    language=cfg.language or "auto", use_itn=True,
+                    language=cfg.language or "auto", use_itn=True, provider=provider,
                 )
             else:
                 self._rec = sherpa_onnx.OfflineRecognizer.from_paraformer(
                     paraformer=f["model"], tokens=f["tokens"], num_threads=cfg.threads,
+                    provider=provider,
                 )
         except Exception as e:  # sherpa raises RuntimeError/ValueError on bad configs
             raise ModelError("load_failed", f"cannot load {self.model_id}: {e}") from e
@@ -124,7 +126,7 @@ class SherpaOnlineEngine(AsrEngine):
 
     streaming = True
 
-    def __init__(self, cfg: SherpaOnlineAsrConfig) -> None:
+    def __init__(self, cfg: SherpaOnlineAsrConfig, provider: str = "cpu") -> None:
         import sherpa_onnx
 
         self.cfg = cfg
@@ -137,7 +139,7 @@ class SherpaOnlineEngine(AsrEngine):
         f = {k: str(v) for k, v in files.items()}
         # The segmenter decides utterance ends; sherpa's endpointing stays off.
         common = dict(tokens=f["tokens"], num_threads=cfg.threads, sample_rate=PIPELINE_RATE,
-                      feature_dim=80, decoding_method=cfg.decoding_method)
+                      feature_dim=80, decoding_method=cfg.decoding_method, provider=provider)
         try:
             if cfg.model_type == "transducer":
                 self._rec = sherpa_onnx.OnlineRecognizer.from_transducer(
@@ -158,8 +160,16 @@ class SherpaOnlineEngine(AsrEngine):
         return OnlineSession(self)
 
 
-def make_engine(cfg: SherpaOfflineAsrConfig | SherpaOnlineAsrConfig) -> AsrEngine:
-    """Load the configured backend (blocking: seconds for big models)."""
+def make_engine(cfg: SherpaOfflineAsrConfig | SherpaOnlineAsrConfig,
+                runtime: RuntimeConfig | None = None) -> AsrEngine:
+    """Load the configured backend (blocking: seconds for big models) on the configured
+    execution provider (a missing one: a warning and CPU, or an error with `strict`)."""
+    rt = runtime or RuntimeConfig()
+    sel = providers.select(rt.provider, rt.strict, engine="sherpa", device_id=rt.gpu_device)
+    engine: AsrEngine
     if isinstance(cfg, SherpaOfflineAsrConfig):
-        return SherpaOfflineEngine(cfg)
-    return SherpaOnlineEngine(cfg)
+        engine = SherpaOfflineEngine(cfg, sel.sherpa)
+    else:
+        engine = SherpaOnlineEngine(cfg, sel.sherpa)
+    providers.record("asr", sel.provider)
+    return engine

@@ -108,6 +108,23 @@ class Segmentation:
         self.utt: Utterance | None = None
         self.next_fwd = 0
         self.utterances = 0
+        self._pending: SegmenterParams | None = None  # a reloaded config, applied between
+        # utterances so the one in progress keeps the rules it started with
+
+    def reconfigure(self, cfg: SegmenterConfig) -> None:
+        """Take new segmenter settings at the next utterance boundary."""
+        self._pending = SegmenterParams.from_config(cfg, self.seg.p.frame_ms)
+        self._swap()
+
+    def _swap(self) -> None:
+        if self._pending is None or self.seg.in_utterance:
+            return
+        index = self.seg.index
+        self.seg = Segmenter(self._pending)
+        self.seg.open_at(index)
+        keep = self.seg.pre_roll + self.seg.min_speech + self.seg.min_silence + 4
+        self.history = deque(self.history, maxlen=keep)
+        self._pending = None
 
     def seconds(self, frame: int) -> float:
         """Stream time of a session frame index."""
@@ -153,6 +170,8 @@ class Segmentation:
                 self._apply(ev.kind, ev.frame, ev.reason)
             if self.utt is not None:
                 self._forward(self.seg.commit_frame)
+        if self._pending is not None:
+            self._swap()
 
     def open(self, origin: int, session_id: str | None) -> None:
         """A gate session begins at sample `origin`."""

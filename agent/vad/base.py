@@ -30,3 +30,7 @@ class Vad(abc.ABC):
 
     def reset(self) -> None:  # noqa: B027 - stateless backends need nothing
         """Forget recurrent state (new gate session)."""
+
+    def update(self, cfg: object) -> bool:
+        """Apply a reloaded config of the same backend live; False: needs a restart."""
+        return False

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from agent.config import SileroVadConfig, VadConfig, WebrtcVadConfig
+from agent.config import RuntimeConfig, SileroVadConfig, VadConfig, WebrtcVadConfig
 from agent.vad.base import Vad
 
 
-def make_vad(cfg: VadConfig) -> Vad:
-    """Build the configured backend."""
+def make_vad(cfg: VadConfig, runtime: RuntimeConfig | None = None) -> Vad:
+    """Build the configured backend (Silero on the configured execution provider)."""
     if isinstance(cfg, WebrtcVadConfig):
         from agent.vad.webrtc import WebrtcVad
 
@@ -15,4 +15,4 @@ def make_vad(cfg: VadConfig) -> Vad:
     assert isinstance(cfg, SileroVadConfig)
     from agent.vad.silero import SileroVad
 
-    return SileroVad(cfg)
+    return SileroVad(cfg, runtime=runtime)

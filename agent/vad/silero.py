@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.config import SileroVadConfig
+from agent import providers
+from agent.config import RuntimeConfig, SileroVadConfig
 from agent.constants import PIPELINE_RATE
 from agent.errors import VadError
 from agent.vad.base import Vad
@@ -43,8 +44,13 @@ class SileroVad(Vad):
 
     name = "silero"
 
-    def __init__(self, cfg: SileroVadConfig, threads: int = 1) -> None:
+    def __init__(self, cfg: SileroVadConfig, threads: int = 1,
+                 runtime: RuntimeConfig | None = None) -> None:
         import onnxruntime as ort
+
+        rt = runtime or RuntimeConfig()
+        sel = providers.select(rt.provider, rt.strict, device_id=rt.gpu_device,
+                               trt_cache_dir=rt.trt_cache_dir)
 
         path = cfg.model.expanduser() if cfg.model else default_model_path()
         if not path.is_file():
@@ -54,16 +60,26 @@ class SileroVad(Vad):
         opts.inter_op_num_threads = 1
         try:
             self._sess = ort.InferenceSession(
-                str(path), sess_options=opts, providers=["CPUExecutionProvider"]
+                str(path), sess_options=opts, providers=sel.ort_providers()
             )
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise VadError("model_invalid", f"cannot load Silero model {path}: {e}") from e
+        providers.record_session("vad", self._sess)
+        self.model = cfg.model
         self.threshold = cfg.threshold
         # Leave speech only when clearly below threshold (same rule as Silero's reference).
         self.neg_threshold = max(cfg.threshold - 0.15, 0.01)
         self.frame_samples = WINDOW
         self._sr = np.array(PIPELINE_RATE, dtype=np.int64)
         self.reset()
+
+    def update(self, cfg: object) -> bool:
+        """A new threshold applies at once; another model file needs a restart."""
+        if not isinstance(cfg, SileroVadConfig) or cfg.model != self.model:
+            return False
+        self.threshold = cfg.threshold
+        self.neg_threshold = max(cfg.threshold - 0.15, 0.01)
+        return True
 
     def reset(self) -> None:
         """Zero the recurrent state and context."""

@@ -19,6 +19,15 @@ class WebrtcVad(Vad):
         self._vad = webrtcvad.Vad(cfg.aggressiveness)
         self.frame_samples = PIPELINE_RATE * cfg.frame_ms // 1000
 
+    def update(self, cfg: object) -> bool:
+        """A new aggressiveness applies at once; a new frame size needs a restart."""
+        if not isinstance(cfg, WebrtcVadConfig):
+            return False
+        if PIPELINE_RATE * cfg.frame_ms // 1000 != self.frame_samples:
+            return False
+        self._vad.set_mode(cfg.aggressiveness)
+        return True
+
     def is_speech(self, frame: np.ndarray) -> bool:
         """One 10/20/30 ms frame."""
         return bool(self._vad.is_speech(frame.tobytes(), PIPELINE_RATE))
