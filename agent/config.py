@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -305,6 +307,25 @@ class EmotionConfig(_Model):
     sense_voice_from_asr: bool = True  # SenseVoice's own emotion tag joins the ensemble
 
 
+class SpeakerConfig(_Model):
+    """Speaker recognition: voiceprints, the speaker of every utterance, diarization."""
+
+    enabled: bool = True
+    model: str = "ge2e-resemblyzer"  # a manifest id; its backend (ge2e, sherpa-speaker) follows
+    threshold: float | None = Field(default=None, ge=-1, le=1)  # cosine; null: the model's own
+    min_speech_s: float = Field(default=0.5, ge=0.1, le=10)  # less: too_short
+    max_audio_s: float = Field(default=30.0, gt=1, le=600)
+    min_enrol_speech_s: float = Field(default=8.0, ge=0, le=120)  # a voiceprint with less: warned
+    top_k: int = Field(default=3, ge=1, le=100)
+    threads: int = Field(default=1, ge=1, le=16)
+    diarize_threshold: float = Field(default=0.55, ge=-1, le=1)
+    diarize_hop_s: float = Field(default=0.4, gt=0.05, le=5)
+    # Only these speakers may trigger commands and replies (names or ids); [] with
+    # `gate_actions` on means any enrolled speaker.
+    gate_actions: bool = False
+    allowed: list[str] = Field(default_factory=list)
+
+
 class WyomingConfig(_Model):
     """Wyoming protocol server for Home Assistant Assist (STT and TTS)."""
 
@@ -362,6 +383,7 @@ class Config(_Model):
     mqtt: MqttConfig = MqttConfig()
     api: ApiConfig = ApiConfig()
     wyoming: WyomingConfig = WyomingConfig()
+    speaker: SpeakerConfig = SpeakerConfig()
     emotion: EmotionConfig = EmotionConfig()
     reply: ReplyConfig = ReplyConfig()
     playback: PlaybackConfig = PlaybackConfig()
@@ -381,24 +403,80 @@ class Config(_Model):
         return data
 
 
-def _env_overrides(env: Mapping[str, str]) -> list[tuple[list[str], Any]]:
-    """`VOICE_AGENT__AUDIO__SAMPLE_RATE=48000` -> (["audio", "sample_rate"], 48000)."""
-    out = []
+# Config paths whose values are model ids from models_onnx/manifest.yaml, each with the key
+# that overrides the id with a directory (None: no such key). Sections whose `enabled` is
+# false are not checked. Sections that take model ids add theirs here.
+MODEL_ID_FIELDS: dict[str, str | None] = {"asr.model": "model_dir", "emotion.models": None}
+# What an environment variable can hold that YAML would read as "no value".
+_NULLISH = frozenset({"", "~", "null", "none"})
+
+
+def _types_in(annotation: Any) -> list[Any]:
+    """The classes inside a field annotation (through Optional, unions and Annotated)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _types_in(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [t for a in typing.get_args(annotation) for t in _types_in(a)]
+    return [annotation]
+
+
+def _secret_paths(model: type[BaseModel] = Config, prefix: str = "") -> frozenset[str]:
+    """Dotted paths of every SecretStr field, e.g. `api.key`, `mqtt.password`."""
+    out: set[str] = set()
+    for name, info in model.model_fields.items():
+        for t in _types_in(info.annotation):
+            if t is SecretStr:
+                out.add(prefix + name)
+            elif isinstance(t, type) and issubclass(t, BaseModel):
+                out |= _secret_paths(t, f"{prefix}{name}.")
+    return frozenset(out)
+
+
+SECRET_PATHS = _secret_paths()
+
+
+def _env_overrides(env: Mapping[str, str]) -> list[tuple[list[str], Any, str]]:
+    """`VOICE_AGENT__AUDIO__SAMPLE_RATE=48000` -> (["audio", "sample_rate"], 48000, name).
+
+    Values are YAML scalars (numbers and booleans arrive typed), except secrets: those are
+    taken as the plain string they are (`123456` is a password, `null` is not "no key").
+    """
+    out: list[tuple[list[str], Any, str]] = []
     for name, raw in sorted(env.items()):
         if not name.startswith(ENV_PREFIX):
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
         if not path:
             continue
+        if ".".join(path) in SECRET_PATHS:
+            out.append((path, raw, name))
+            continue
         try:
-            # YAML scalars, so numbers and booleans arrive typed.
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         if isinstance(value, (dict, list)):
             value = raw
-        out.append((path, value))
+        out.append((path, value, name))
     return out
+
+
+def _secret_problems(overrides: list[tuple[list[str], Any, str]]
+                     ) -> tuple[list[str], list[str]]:
+    """An empty secret variable would silently turn its feature's protection off.
+
+    Returns the problems and the variables at fault.
+    """
+    problems, names = [], []
+    for path, value, name in overrides:
+        dotted = ".".join(path)
+        if dotted in SECRET_PATHS and str(value).strip().lower() in _NULLISH:
+            names.append(name)
+            problems.append(f"{dotted}: {name} is set but empty (or null): unset the variable "
+                            "to keep the file's value; to turn it off, set it to null in the "
+                            "config file")
+    return problems, names
 
 
 def _apply(data: dict[str, Any], path: list[str], value: Any) -> None:
@@ -432,8 +510,20 @@ def _loc_to_path(loc: tuple[int | str, ...], data: Any) -> str:
     return ".".join(parts).replace(".[", "[") or "(root)"
 
 
-def format_errors(exc: ValidationError, data: Any) -> list[str]:
-    """One line per problem: `yaml.path: reason (got value)`."""
+def _env_names(path: str, origins: Mapping[str, str]) -> list[str]:
+    """The variables that set `path`, something under it, or a section above it."""
+    return [name for p, name in origins.items()
+            if p == path or p.startswith(path + ".") or path.startswith(p + ".")
+            or path.startswith(p + "[")]
+
+
+def format_errors(exc: ValidationError, data: Any,
+                  origins: Mapping[str, str] | None = None) -> list[str]:
+    """One line per problem: `yaml.path: reason (got value; set by VOICE_AGENT__...)`.
+
+    `origins` maps dotted paths to the environment variables that set them. A secret's
+    value is never shown.
+    """
     problems = []
     for err in exc.errors():
         path = _loc_to_path(tuple(err["loc"]), data)
@@ -443,10 +533,25 @@ def format_errors(exc: ValidationError, data: Any) -> list[str]:
         elif err["type"] == "missing":
             msg = "required"
         inp = err.get("input")
+        notes = []
         if err["type"] not in ("missing", "extra_forbidden") and not isinstance(inp, (dict, list)):
-            msg += f" (got {inp!r})"
-        problems.append(f"{path}: {msg}")
+            secret = path in SECRET_PATHS or any(path.startswith(p + ".") for p in SECRET_PATHS)
+            notes.append("value hidden: a secret" if secret else f"got {inp!r}")
+            if secret and err["type"] == "string_type":
+                msg += ": quote it in YAML"
+        names = _env_names(path, origins or {})
+        if names:
+            notes.append("set by " + ", ".join(names))
+        problems.append(f"{path}: {msg}" + (f" ({'; '.join(notes)})" if notes else ""))
     return problems
+
+
+def _config_error(problems: list[str], sources: list[str]) -> ConfigError:
+    err = ConfigError("invalid", "\n".join(problems))
+    err.problems = problems  # type: ignore[attr-defined]
+    # What the CLI names in its header: the file, or the variables that are wrong.
+    err.source = ", ".join(dict.fromkeys(sources))  # type: ignore[attr-defined]
+    return err
 
 
 def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -470,12 +575,50 @@ def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = 
             data = {}
         if not isinstance(data, dict):
             raise ConfigError("yaml", f"{p}: top level must be a mapping of sections")
-    for key_path, value in _env_overrides(env):
-        _apply(data, key_path, value)
+    overrides = _env_overrides(env)
+    origins = {".".join(key_path): name for key_path, _, name in overrides}
+    problems, sources = _secret_problems(overrides)
+    for key_path, value, name in overrides:
+        if name not in sources:  # an empty secret is reported once, above
+            _apply(data, key_path, value)
+    where = str(path) if path is not None else "embedded defaults"
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as e:
-        problems = format_errors(e, data)
-        err = ConfigError("invalid", "\n".join(problems))
-        err.problems = problems  # type: ignore[attr-defined]
-        raise err from None
+        for line in format_errors(e, data, origins):
+            problems.append(line)
+            names = _env_names(line.split(":", 1)[0], origins)
+            sources += names or [where]
+        raise _config_error(problems, sources) from None
+    if problems:
+        raise _config_error(problems, sources)
+    return cfg
+
+
+def model_id_problems(cfg: Config, known: Collection[str]) -> list[str]:
+    """One line per configured model id that the manifest does not know."""
+    problems = []
+    for dotted, override in MODEL_ID_FIELDS.items():
+        *section_path, key = dotted.split(".")
+        section: Any = cfg
+        for part in section_path:
+            section = getattr(section, part, None)
+        if section is None or getattr(section, "enabled", True) is False:
+            continue
+        if override and getattr(section, override, None) is not None:
+            continue  # a directory given: the id is only a label
+        value = getattr(section, key, None)
+        for model_id in ([value] if isinstance(value, str) else list(value or [])):
+            if model_id not in known:
+                problems.append(f"{dotted}: unknown model id {model_id!r}; known: "
+                                f"{', '.join(sorted(known))} (`voice-agent models list`), or "
+                                + (f"set {'.'.join(section_path)}.{override} to a directory"
+                                   if override else "add it to models_onnx/manifest.yaml"))
+    return problems
+
+
+def check_model_ids(cfg: Config, known: Collection[str]) -> None:
+    """ConfigError (`check-config`, `run`) when a configured model id is not in the manifest."""
+    problems = model_id_problems(cfg, known)
+    if problems:
+        raise _config_error(problems, [])

@@ -94,10 +94,6 @@ def apply_config(daemon: Daemon, old: Config, new: Config) -> list[str]:
 def build_services(app: App, terminal: bool = False, keyboard: bool = False) -> list[Service]:
     """Front-ends enabled in the config (and the terminal, when the CLI runs on one)."""
     out: list[Service] = []
-    if terminal or keyboard:
-        from agent.terminal import TerminalService
-
-        out.append(TerminalService(app, live=terminal, keyboard=keyboard))
     if app.cfg.mqtt.enabled:
         from agent.mqtt.service import MqttService
 
@@ -106,6 +102,10 @@ def build_services(app: App, terminal: bool = False, keyboard: bool = False) -> 
         from agent.api.server import ApiService
 
         out.append(ApiService(app))
+    if terminal or keyboard:
+        from agent.terminal import TerminalService
+
+        out.append(TerminalService(app, live=terminal, keyboard=keyboard))
     return out
 
 
@@ -228,7 +228,7 @@ class Daemon:
         for svc, task in self._tasks.items():
             bound = getattr(svc, "bound", None)
             if bound is not None:
-                waits.append(asyncio.ensure_future(_first(bound.wait(), task)))
+                waits.append(asyncio.ensure_future(_first(bound, task)))
         if waits:
             await asyncio.wait(waits, timeout=10.0)
             for w in waits:

@@ -45,8 +45,8 @@ class _Line:
         self.speaker: str | None = None
         self.emotion: str | None = None
 
-    def render(self, width: int) -> str:
-        """The line as it stands: partial text dim, final text with its latency."""
+    def render(self, width: int | None) -> str:
+        """The line as it stands (cut to `width` from the left, unless None)."""
         tags = []
         if self.speaker:
             tags.append(self.speaker)
@@ -58,7 +58,7 @@ class _Line:
             body = f"> {head}{self.text or '(no words)'}{tail}"
         else:
             body = f"… {head}{self.text}"
-        return body if len(body) <= width else "…" + body[-(width - 1):]
+        return body if width is None or len(body) <= width else "…" + body[-(width - 1):]
 
 
 class TerminalService(Service):
@@ -89,14 +89,24 @@ class TerminalService(Service):
 
     def _width(self) -> int:
         try:
-            return max(20, os.get_terminal_size(self.out.fileno()).columns - 1)
+            cols = os.get_terminal_size(self.out.fileno()).columns
         except (OSError, ValueError, AttributeError):
-            return 100
+            cols = 0
+        return max(20, cols - 1) if cols else 100  # a pty may report 0 columns
 
     def _draw(self) -> None:
-        if self.line is not None:
-            self.out.write("\r\033[K" + self.line.render(self._width()))
-            self.out.flush()
+        line = self.line
+        if line is None:
+            return
+        width = self._width()
+        full = line.render(None)
+        if line.final and len(full) > width:
+            # A long final is shown whole (it may wrap); the line is done then.
+            self.out.write("\r\033[K" + full + "\n")
+            self.line = None
+        else:
+            self.out.write("\r\033[K" + line.render(width))
+        self.out.flush()
 
     def _end_line(self) -> None:
         if self.line is not None:

@@ -61,6 +61,9 @@ class Decode:
     start: int
     end: int
     segment: int = -1  # index into `segments` for kind "segment"
+    # A partial decoded because speech just ended (audio paused, or the lenient VAD heard
+    # silence): it is likely to become the final, so it is not shed like periodic ones.
+    endpoint: bool = False
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,7 @@ class Scheduler:
         end = self.speech_end
         ended = end > self.seg_start and self.fed - end >= margin and done < end + margin
         if due or paused or ended:
-            return Decode("partial", self.seg_start, self.fed)
+            return Decode("partial", self.seg_start, self.fed, endpoint=paused or ended)
         return None
 
     def wake_at(self) -> float | None:

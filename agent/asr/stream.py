@@ -174,7 +174,12 @@ class RecognitionStream:
     async def _partial(self, d: Decode) -> None:
         t0 = self.clock()
         try:
-            result = await self.runner.partial(self._decode, d.start, d.end)
+            if d.endpoint:
+                # Likely the final, decoded before the release: as urgent as a segment.
+                result: Transcript | None = await self.runner.run(
+                    self._decode, d.start, d.end, priority=Priority.SEGMENT)
+            else:
+                result = await self.runner.partial(self._decode, d.start, d.end)
         except Exception as e:  # a failed partial is not worth the utterance
             log.debug("partial decode failed: %s", e)
             result = None
