@@ -24,6 +24,7 @@ from .mosquitto import Mosquitto, Subscriber, have_mosquitto
 from .sources import SilentSource
 
 DEVICE = "registry-test"
+EXE = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "voice-agent"
 T = Topics(f"voice-agent/{DEVICE}")
 
 
@@ -181,3 +182,22 @@ async def test_unknown_and_surface_restricted_commands(tmp_path: Path) -> None:
             await d.app.commands.dispatch("no/such", {}, CallContext(surface="cli"))
         assert e.value.code == "unknown_command" and e.value.status == 404
         assert "ptt/start" in e.value.message
+
+
+async def test_cli_call_runs_a_command_on_the_running_daemon(tmp_path: Path) -> None:
+    exe = EXE
+    async with running(env_for(tmp_path, None)) as (d, base):
+        async def call(*args: str) -> tuple[int, str]:
+            p = await asyncio.create_subprocess_exec(
+                str(exe), "call", *args, "--url", base, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT)
+            out, _ = await p.communicate()
+            return p.returncode or 0, out.decode()
+
+        rc, out = await call("ptt/start")
+        assert rc == 0 and '"state": "open"' in out and d.gate.state == "open"
+        rc, out = await call("ptt/stop", "force=true")  # refused by the same registry
+        assert rc == 1 and "bad_payload" in out and d.gate.state == "open"
+        rc, out = await call("no/such")
+        assert rc != 0 and "ptt/start" in out
+        assert d.app.commands.calls[("ptt/start", "http")] == 1
