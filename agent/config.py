@@ -169,6 +169,8 @@ class MqttConfig(_Model):
     shutdown_flush_s: float = Field(default=5.0, ge=0, le=300)
     discovery: bool = True
     discovery_prefix: str = "homeassistant"
+    configuration_url: str | None = None  # in HA's device page; None: the kiosk URL
+    support_url: str | None = None  # None: the project's home page
 
     @field_validator("topic_prefix", "discovery_prefix")
     @classmethod
@@ -279,6 +281,8 @@ class ReplyConfig(_Model):
     # half: while the daemon speaks, the VAD ignores the microphone (PTT still barges in);
     # full: needs an echo-cancelled source (PulseAudio/PipeWire module-echo-cancel).
     duplex: Literal["half", "full"] = "half"
+    # Half duplex: the mic stays muted this long after the speaker's last sample (echo).
+    echo_tail_ms: int = Field(default=300, ge=0, le=3000)
     llm: LlmConfig = LlmConfig()
     cosyvoice: CosyVoiceConfig = CosyVoiceConfig()
     piper: PiperConfig = PiperConfig()
@@ -330,9 +334,16 @@ class WyomingConfig(_Model):
     """Wyoming protocol server for Home Assistant Assist (STT and TTS)."""
 
     enabled: bool = False
-    host: str = "0.0.0.0"  # Home Assistant usually runs on another machine
-    port: int = Field(default=10300, ge=0, le=65535)
-    zeroconf: bool = True  # advertise _wyoming._tcp so Home Assistant finds it
+    # Wyoming has no authentication: whoever reaches the port can use STT/TTS. Home Assistant
+    # usually runs on another machine, hence all interfaces; 127.0.0.1 keeps it local.
+    host: str = "0.0.0.0"
+    port: int = Field(default=10300, ge=0, le=65535)  # 0: any free port (logged)
+    zeroconf: bool = True  # advertise _wyoming._tcp.local. so Home Assistant finds it
+    zeroconf_name: str | None = None  # None: voice-agent-<device_id>
+    max_clients: int = Field(default=16, ge=1, le=1024)
+    streaming: bool = True  # transcript-start/-chunk/-stop around the transcript
+    max_audio_s: float = Field(default=300.0, gt=0, le=3600)  # past it: audio_too_long
+    tts: bool = True  # serve the local Piper voice (reply.piper)
 
 
 class RuntimeConfig(_Model):

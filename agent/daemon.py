@@ -102,6 +102,14 @@ def build_services(app: App, terminal: bool = False, keyboard: bool = False) -> 
         from agent.api.server import ApiService
 
         out.append(ApiService(app))
+    if app.cfg.wyoming.enabled:
+        from agent.wyoming.service import WyomingService
+
+        out.append(WyomingService(app))
+    # Replies follow the bus for finals and barge-in (and say so when they are off).
+    from agent.app.reply import ReplyService
+
+    out.append(ReplyService(app))
     if terminal or keyboard:
         from agent.terminal import TerminalService
 

@@ -128,6 +128,7 @@ class SpeakerIdentified(BaseEvent):
     candidates: list[dict[str, Any]] = Field(default_factory=list)  # top-k: id, name, score
     audio_s: float = 0.0
     compute_ms: float = 0.0
+    reason: str | None = None  # why `unknown`: too_short, silent, no_voiceprints, no_match
 
 
 class AccessDenied(BaseEvent):

@@ -10,6 +10,12 @@ Usage: python bench/asr.py [--models whisper-tiny.en-int8,whisper-tiny.en-fp32] 
    (`--worker MODEL --mode ptt|vad`), so its CPU use and peak RSS belong to that model alone.
 `--quick` uses 3 clips. The last model of --models (fp32 by default) is the baseline that the
 others are compared against, unless --baseline names another.
+`--emotion-compare N`: only the ptt real-time run of the first model, N times each with
+speech emotion off and on (alternating, off first): the ASR final's latency with and without
+the emotion analyser (written to bench/results/asr_emotion.json unless --out says otherwise).
+`--speaker-compare N`: the same for speaker recognition, ptt and vad runs, emotion off in
+both: the final's latency with and without the speaker analyser, and when each utterance's
+`speaker.identified` came relative to its final (bench/results/asr_speaker.json).
 """
 
 from __future__ import annotations
@@ -210,15 +216,22 @@ def others_pct(b0: tuple[float, float], b1: tuple[float, float], own_s: float,
     return round(100 * (cores_busy - own_s / wall), 1)
 
 
-async def daemon_run(model: str, mode: str, path: Path, spans: list[tuple[float, float]]
-                     ) -> tuple[list[Any], PacedSource, dict[str, float]]:
+async def daemon_run(model: str, mode: str, path: Path, spans: list[tuple[float, float]],
+                     emotion: str | None = None, speaker: str | None = None
+                     ) -> tuple[list[Any], PacedSource, dict[str, Any]]:
     from agent.daemon import Daemon
 
     script = []
     if mode == "ptt":
         for a, b in spans:
             script += [(max(0.0, a - PTT_START_S), "start"), (b + PTT_STOP_S, "stop")]
-    cfg = asr_config(model, VOICE_AGENT__GATE__MODE=mode)
+    env = {"VOICE_AGENT__GATE__MODE": mode, "VOICE_AGENT__API__ENABLED": "false"}
+    if emotion is not None:  # else the config's default (on)
+        env["VOICE_AGENT__EMOTION__ENABLED"] = "true" if emotion == "on" else "false"
+    if speaker is not None:  # else the config's default (on); its store in a temp dir
+        env["VOICE_AGENT__SPEAKER__ENABLED"] = "true" if speaker == "on" else "false"
+        env["VOICE_AGENT__STATE_DIR"] = str(path.parent / f"state-{speaker}")
+    cfg = asr_config(model, **env)
     src = PacedSource(path, script)
     t0 = time.monotonic()
     d = Daemon(cfg, source=src)
@@ -237,7 +250,10 @@ async def daemon_run(model: str, mode: str, path: Path, spans: list[tuple[float,
             "dropped_events": sub.dropped,
             "partial_interval_ms": cfg.asr.partial_interval_ms,
             "partial_min_audio_ms": cfg.asr.partial_min_audio_ms,
-            "vad_backend": cfg.vad.backend, "min_silence_ms": cfg.segmenter.min_silence_ms}
+            "vad_backend": cfg.vad.backend, "min_silence_ms": cfg.segmenter.min_silence_ms,
+            "emotion_model": d.app.analyser_model("emotion"),
+            "emotion_events": sum(e.type == "emotion.detected" for e in events),
+            "speaker_model": d.app.analyser_model("speaker"), **speaker_timing(events)}
     del d
     gc.collect()
     return events, src, info
@@ -367,14 +383,27 @@ def peak_rss_mb() -> dict[str, float]:
     return out
 
 
-def worker(model: str, mode: str, stream: Path) -> int:
+def speaker_timing(events: list[Any]) -> dict[str, Any]:
+    """When each utterance's speaker was known: ms after its end and after its final."""
+    by = {t: {e.utterance_id: e for e in events if e.type == t}
+          for t in ("utterance.ended", "asr.final", "speaker.identified")}
+    spk = by["speaker.identified"]
+    return {"speaker_events": len(spk),
+            "speaker_after_end_ms": [round(1000 * (e.mono - by["utterance.ended"][u].mono), 1)
+                                     for u, e in spk.items() if u in by["utterance.ended"]],
+            "speaker_after_final_ms": [round(1000 * (e.mono - by["asr.final"][u].mono), 1)
+                                       for u, e in spk.items() if u in by["asr.final"]]}
+
+
+def worker(model: str, mode: str, stream: Path, emotion: str | None = None,
+           speaker: str | None = None) -> int:
     """One real-time daemon run in this fresh process; prints its JSON on stdout."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     meta = json.loads(stream.with_suffix(".json").read_text())
     spans = [tuple(s) for s in meta["spans"]]
     rss0 = peak_rss_mb()
-    events, src, info = asyncio.run(daemon_run(model, mode, stream, spans))
+    events, src, info = asyncio.run(daemon_run(model, mode, stream, spans, emotion, speaker))
     min_partial_s = info["partial_min_audio_ms"] / 1000
     result = {**info, **analyse_run(mode, events, src, meta, min_partial_s),
               "rss_before_daemon": rss0, **peak_rss_mb()}
@@ -383,9 +412,11 @@ def worker(model: str, mode: str, stream: Path) -> int:
     return 0
 
 
-def run_worker(model: str, mode: str, stream: Path, audio_s: float) -> dict[str, Any]:
+def run_worker(model: str, mode: str, stream: Path, audio_s: float,
+               emotion: str | None = None, speaker: str | None = None) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", model, "--mode", mode,
-           "--stream", str(stream)]
+           "--stream", str(stream)] + (["--emotion", emotion] if emotion else []) + (
+           ["--speaker", speaker] if speaker else [])
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=audio_s + 180, cwd=REPO)
     noisy = [ln for ln in p.stderr.splitlines() if ln.startswith(("WARNING", "ERROR"))]
     for ln in noisy[:10]:
@@ -555,10 +586,22 @@ def main() -> int:
     ap.add_argument("--worker", metavar="MODEL", help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=("ptt", "vad"), help=argparse.SUPPRESS)
     ap.add_argument("--stream", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--emotion", choices=("on", "off"), help=argparse.SUPPRESS)
+    ap.add_argument("--emotion-compare", type=int, metavar="N", default=0,
+                    help="only: ptt finals with emotion off vs on, N runs each")
+    ap.add_argument("--speaker", choices=("on", "off"), help=argparse.SUPPRESS)
+    ap.add_argument("--speaker-compare", type=int, metavar="N", default=0,
+                    help="only: ptt and vad finals with speaker off vs on, N runs each")
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker, args.mode, args.stream)
+        return worker(args.worker, args.mode, args.stream, args.emotion, args.speaker)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.emotion_compare:
+        return emotion_compare(models[0], args)
+    if args.speaker_compare:
+        from bench.asr_speaker import speaker_compare
+
+        return speaker_compare(models[0], args)
     base = args.baseline or models[-1]
     if base not in models:
         raise SystemExit(f"--baseline {base} is not among --models")
@@ -630,6 +673,72 @@ def main() -> int:
     write_report(args.out, report)
     print_report(report)
     print(f"wrote {args.out} ({report['bench_wall_s']:.0f} s)")
+    return 0
+
+
+def emotion_compare(model: str, args: argparse.Namespace) -> int:
+    """The ptt release -> final latency with the emotion analyser off and on, alternating."""
+    clips = load_clips(args.quick)
+    runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    t_start, load0 = time.monotonic(), os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="asr-bench-") as tmp:
+        stream = Path(tmp) / "joined.wav"
+        build_stream(clips, stream)
+        audio_s = json.loads(stream.with_suffix(".json").read_text())["audio_s"]
+        for i in range(args.emotion_compare):
+            for emotion in ("off", "on"):
+                print(f"ptt {model} emotion {emotion} ({i + 1}/{args.emotion_compare}) ...",
+                      file=sys.stderr)
+                runs[emotion].append(run_worker(model, "ptt", stream, audio_s, emotion))
+
+    def summary(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        rel = [c["release_to_final_ms"] for r in rs for c in r["per_clip"]
+               if "release_to_final_ms" in c]
+        dec = [c["decode_ms"] for r in rs for c in r["per_clip"] if "decode_ms" in c]
+        # What the final waited beyond its own decode (a worker, the loop): where a busy
+        # emotion job would show; the decode itself only slows with the machine's load.
+        beyond = [c["release_to_final_ms"] - c["decode_ms"] for r in rs for c in r["per_clip"]
+                  if "release_to_final_ms" in c and "decode_ms" in c]
+        return {"runs": len(rs), "finals": len(rel),
+                "release_to_final_p50_ms": pct(rel, 50), "release_to_final_p95_ms": pct(rel, 95),
+                "decode_p50_ms": pct(dec, 50), "beyond_decode_p50_ms": pct(beyond, 50),
+                "beyond_decode_p95_ms": pct(beyond, 95),
+                "per_run_p50_ms": [r["release_to_final_p50_ms"] for r in rs],
+                "emotion_events": [r["emotion_events"] for r in rs],
+                "emotion_model": rs[0]["emotion_model"], "cpu_pct": [r["cpu_pct"] for r in rs],
+                "others_cpu_pct": [r["others_cpu_pct"] for r in rs],
+                "wer": [r["wer"] for r in rs]}
+
+    res = {k: summary(v) for k, v in runs.items()}
+
+    def ratio(key: str) -> float | None:
+        a, b = res["on"][key], res["off"][key]
+        return round(a / b, 3) if a and b else None
+
+    report = {"bench": "asr_emotion", "model": model, "clips": len(clips), "quick": args.quick,
+              "stream_s": audio_s, "machine": machine_info(), "loadavg_start": load0,
+              "loadavg_end": os.getloadavg(), "results": res,
+              "on_vs_off": {k: ratio(k) for k in ("release_to_final_p50_ms",
+                                                  "release_to_final_p95_ms", "decode_p50_ms",
+                                                  "beyond_decode_p50_ms")},
+              "bench_wall_s": round(time.monotonic() - t_start, 1),
+              "notes": "finals pooled over runs (per clip: release -> asr.final); on_vs_off = "
+                       "emotion on / off, measured alternately in this run"}
+    out = args.out if args.out != REPO / "bench" / "results" / "asr.json" else \
+        REPO / "bench" / "results" / "asr_emotion.json"
+    write_report(out, report)
+    print(f"ptt release -> final, {model}, {len(clips)} clips x {args.emotion_compare} runs "
+          "each (ms, p50/p95 pooled over finals):")
+    for k in ("off", "on"):
+        r = res[k]
+        print(f"  emotion {k:3s} {fmt(r['release_to_final_p50_ms'])}/"
+              f"{fmt(r['release_to_final_p95_ms'])}  decode p50 {fmt(r['decode_p50_ms'])}  "
+              f"beyond decode p50/p95 {fmt(r['beyond_decode_p50_ms'], '.1f')}/"
+              f"{fmt(r['beyond_decode_p95_ms'], '.1f')}  "
+              f"emotion events {r['emotion_events']}  others CPU % {r['others_cpu_pct']}")
+    print("  on / off: " + ", ".join(f"{k} {fmt(v, '.3f')}x"
+                                     for k, v in report["on_vs_off"].items()))
+    print(f"wrote {out}")
     return 0
 
 

@@ -8,6 +8,7 @@ import io
 import json
 import re
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -39,7 +40,11 @@ from .sources import SilentSource
 KEY = "kiosk-key-0123456789"
 MODEL = "whisper-tiny.en-int8"
 BASE_ENV = {"VOICE_AGENT__API__ENABLED": "true", "VOICE_AGENT__GATE__MODE": "ptt",
-            "VOICE_AGENT__ASR__ENABLED": "false", "VOICE_AGENT__API__PORT": "0"}
+            "VOICE_AGENT__ASR__ENABLED": "false", "VOICE_AGENT__API__PORT": "0",
+            # API tests never open a speaker, and load no models they do not use.
+            "VOICE_AGENT__PLAYBACK__ENABLED": "false", "VOICE_AGENT__EMOTION__ENABLED": "false",
+            "VOICE_AGENT__SPEAKER__ENABLED": "false",
+            "VOICE_AGENT__STATE_DIR": tempfile.mkdtemp(prefix="voice-agent-api-test-")}
 # Whisper tiny.en scores ~9 % on these clips; the bound catches broken audio paths (> 50 %).
 WER_BOUND = 0.2
 WS_TIMEOUT = 20.0
@@ -135,7 +140,7 @@ async def test_health_is_public_and_reports_models() -> None:
         body = await (await client.get("/api/health")).json()
         assert body["status"] == "ok" and body["version"] and body["uptime_s"] >= 0
         assert body["models"] == {"asr": "stub", "vad": "webrtc", "speaker": None,
-                                  "emotion": None, "tts": None}
+                                  "emotion": None, "tts": "piper-joe-us"}
         assert body["device_id"] == d.cfg.device_id
 
 
@@ -151,7 +156,12 @@ async def test_every_route_needs_the_key_when_one_is_set() -> None:
     d = make_daemon(StubEngine(), api__key=KEY)
     spec = build_spec(d.cfg.api, d.app.commands, api_service(d).web.router)
     routes = _requests(spec)
-    assert len(routes) == 13  # health stats metrics transcribe openapi ptt*4 ws*2 kiosk asset
+    # The document describes exactly the routes served: the fixed views and every command.
+    served = {(r.method, r.resource.canonical) for r in api_service(d).web.router.routes()
+              if r.method != "HEAD" and r.resource is not None}
+    assert {(m.upper(), path) for path, ops in spec["paths"].items() for m in ops} == served
+    assert {("POST", c.path) for c in d.app.commands if c.http.method == "POST"} <= served
+    assert len(routes) >= 13
     async with serve(d) as client:
         for method, path in routes:
             public = path == "/api/health"
@@ -190,6 +200,10 @@ async def test_without_a_key_every_route_is_open() -> None:
         for method, path in _requests(spec):
             r = await client.request(method, path)
             assert r.status not in (401, 403), (method, path)
+            if r.status == 503:  # a capability this test daemon runs without
+                code = (await r.json())["error"]["code"]
+                assert code.endswith("_unavailable"), (method, path, code)
+                continue
             assert r.status < 500, (method, path, await r.text())
 
 
@@ -363,7 +377,8 @@ async def test_transcribe_long_audio_in_windows(engine: AsrEngine,
         r = await client.post("/api/asr/transcribe", data=form)
         body = await r.json()
     assert r.status == 200, body
-    assert body["audio_s"] > 45 and body["windows"] == 2
+    # At least two windows (the cut points follow the quietest frames: noise moves them).
+    assert body["audio_s"] > 45 and body["windows"] >= 2
     # One window alone would have lost everything after 30 s (whisper's limit).
     assert wer([" ".join(r["reference"] for r in rows)], [body["text"]]) <= WER_BOUND, body
 

@@ -8,6 +8,7 @@ import http.server
 import io
 import json
 import os
+import re
 import socket
 import tarfile
 import threading
@@ -163,7 +164,9 @@ def url_setup(tmp_path: Path, server: Server) -> tuple[Path, Path, Server]:
 
 def test_repo_manifest_validates_and_pins_are_explicit() -> None:
     man = models.load_manifest(REPO_MANIFEST)
-    assert man.defaults == ["whisper-tiny.en-int8", "silero-vad"]
+    # What a daemon on its default config uses: ASR, VAD, speaker, emotion, the local voice.
+    assert man.defaults == ["whisper-tiny.en-int8", "silero-vad", "ge2e-resemblyzer",
+                            "ser-ravdess-cnn-int8", "piper-joe-us"]
     expected = {"whisper-tiny.en-int8", "whisper-base-int8", "silero-vad", "sense-voice-int8",
                 "streaming-zipformer-bilingual-zh-en", "streaming-paraformer-bilingual-zh-en",
                 "speaker-campplus-zh-en", "speaker-eres2net-base-zh"}
@@ -179,10 +182,12 @@ def test_repo_manifest_validates_and_pins_are_explicit() -> None:
         for d in downloads:
             assert "sha256" in d and "size" in d, entry.id
         if src["kind"] == "url":
-            assert src["url"].startswith("https://github.com/k2-fsa/sherpa-onnx/releases/")
+            # Official release assets, or a file at a fixed commit (never a moving branch).
+            assert re.match(r"https://github\.com/(k2-fsa/sherpa-onnx/releases/|IliaZenkov/"
+                            r"transformer-cnn-emotion-recognition/raw/[0-9a-f]{40}/)",
+                            src["url"]), src["url"]
     for model_id in man.defaults:  # the defaults must be installable without --allow-unpinned
         assert man.get(model_id).pinned
-        assert man.get(model_id).source.kind == "pypi"
     tiny = man.get("whisper-tiny.en-int8")
     assert tiny.backend == "sherpa-offline" and tiny.model_type == "whisper"
     assert {f.name for f in tiny.files.values()} == {

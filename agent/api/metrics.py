@@ -28,6 +28,11 @@ STAGES = {
     "transcribe_audio_decode": "/api/asr/transcribe: upload -> 16 kHz samples",
     "transcribe_decode": "/api/asr/transcribe: recognition",
     "transcribe_total": "/api/asr/transcribe: whole request",
+    "emotion_compute": "emotion/analyze: model time",
+    "speaker_diarize": "/api/speakers/diarize: diarization",
+    "ws_verify_window": "/ws/speakers/verify: one window scored",
+    "reply_first_text": "reply: final/request -> first LLM text",
+    "reply_first_audio": "reply: final/request -> first audio sample on the outputs",
 }
 
 

@@ -9,6 +9,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from agent import __version__
+from agent.api import ws_tts, ws_verify
 from agent.api.auth import HEADER, QUERY
 from agent.app.commands import Command, CommandRegistry
 from agent.app.status import Health
@@ -167,6 +168,10 @@ def _ops(cfg: ApiConfig, commands: CommandRegistry | None, components: Json
         ("get", "/ws/asr"): {
             "summary": "Stream audio, get partial and final recognition (WebSocket)",
             "operationId": "ws_asr", "description": WS_ASR_DOC, "responses": ws_responses},
+        ("get", "/ws/speakers/verify"): {
+            "summary": "Stream audio, get a voice similarity per window (WebSocket)",
+            "operationId": "ws_speakers_verify",
+            "description": (ws_verify.__doc__ or "").strip(), "responses": ws_responses},
         ("get", "/"): {
             "summary": "Kiosk page (open with ?token= when a key is set)", "operationId": "kiosk",
             "responses": {"200": {"description": "HTML", "content": {"text/html": {
@@ -180,6 +185,7 @@ def _ops(cfg: ApiConfig, commands: CommandRegistry | None, components: Json
                 "text/css": {"schema": {"type": "string"}}}},
                 "404": _error("no such asset")}},
     }
+    ops.update(ws_tts.openapi_ops())
     _model_schema(Health, components)
     for cmd in commands or ():
         if "http" in cmd.surfaces:

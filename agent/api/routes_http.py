@@ -27,9 +27,11 @@ log = logging.getLogger(__name__)
 AUDIO_TYPES = ("audio/", "application/octet-stream", "video/webm")
 # JSON bodies bigger than this are parsed in a thread: a 20 MB base64 upload takes ~0.5 s.
 INLINE_JSON_BYTES = 256 * 1024
+MAX_FORM_FIELDS = 32  # multipart fields besides the file: names, ids, options
+MAX_FIELD_CHARS = 64 * 1024
 #: Kiosk assets served from agent/web/, with their content types.
 STATIC = {"app.js": "text/javascript", "style.css": "text/css",
-          "capture-worklet.js": "text/javascript"}
+          "capture-worklet.js": "text/javascript", "player.js": "text/javascript"}
 
 
 def _ctx(request: web.Request) -> ApiContext:
@@ -93,26 +95,43 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-async def _multipart_file(request: web.Request) -> tuple[bytes, str | None]:
+async def _multipart(request: web.Request) -> tuple[bytes | None, str | None, dict[str, str]]:
+    """The file part (bytes, name) and the other form fields, as a command's payload."""
     try:
         reader = await request.multipart()
     except (ValueError, AssertionError) as e:
         raise ApiError(400, "bad_multipart", f"malformed multipart body: {e}") from e
     limit = _ctx(request).cfg.max_body_mb * 2**20
+    data: bytes | None = None
+    name: str | None = None
+    fields: dict[str, str] = {}
     try:
         while (part := await reader.next()) is not None:
-            if isinstance(part, BodyPartReader) and (part.filename or part.name == "file"):
-                data = bytearray()
+            if not isinstance(part, BodyPartReader):
+                continue
+            if data is None and (part.filename or part.name == "file"):
+                buf = bytearray()
                 while chunk := await part.read_chunk():
-                    data += chunk
-                    if len(data) > limit:
+                    buf += chunk
+                    if len(buf) > limit:
                         raise web.HTTPRequestEntityTooLarge(
-                            max_size=int(limit), actual_size=len(data))
-                return bytes(data), part.filename
-    except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as e:
+                            max_size=int(limit), actual_size=len(buf))
+                data, name = bytes(buf), part.filename
+            elif part.name:
+                if len(fields) >= MAX_FORM_FIELDS:
+                    raise ApiError(400, "bad_multipart", f"more than {MAX_FORM_FIELDS} fields")
+                value = await part.text()
+                if len(value) > MAX_FIELD_CHARS:
+                    raise ApiError(400, "bad_multipart", f"field {part.name[:40]!r} is over "
+                                   f"{MAX_FIELD_CHARS} characters")
+                fields[part.name] = value
+    except (ValueError, AssertionError, RuntimeError, HttpProcessingError,
+            UnicodeDecodeError) as e:
         # aiohttp's parser raises all of these on malformed parts and part headers.
         raise ApiError(400, "bad_multipart", f"malformed multipart body: {e}") from e
-    raise ApiError(400, "no_file", "multipart body has no file part (send it as `file`)")
+    if data is None:
+        raise ApiError(400, "no_file", "multipart body has no file part (send it as `file`)")
+    return data, name, fields
 
 
 def command_handler(cmd: Command[Any, Any]) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -127,8 +146,12 @@ def command_handler(cmd: Command[Any, Any]) -> Callable[[web.Request], Awaitable
         else:
             ctype = request.content_type
             has_body = bool(request.content_length) or request.body_exists
+            if cmd.upload:
+                # Form fields and the query string carry the rest of an upload's payload.
+                data.update({k: v for k, v in request.query.items() if k != QUERY})
             if cmd.upload and ctype == "multipart/form-data":
-                ctx.attachment, ctx.attachment_name = await _multipart_file(request)
+                ctx.attachment, ctx.attachment_name, fields = await _multipart(request)
+                data.update(fields)
             elif cmd.upload and ctype.startswith(AUDIO_TYPES):
                 ctx.attachment = await request.read()
             elif ctype == "application/json" or (not has_body and ctype in (

@@ -24,6 +24,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from agent import jsonsafe
 from agent.api.context import CTX, ApiContext
 from agent.api.errors import ApiError
+from agent.app import emotion as emotion_app
 from agent.asr.base import AsrEngine
 from agent.asr.schedule import StreamParams
 from agent.asr.stream import RecognitionStream
@@ -62,6 +63,7 @@ class AsrConnection:
         self.rate = PIPELINE_RATE
         self.partials = ctx.cfg.asr_partials
         self.max_samples = int(ctx.cfg.asr_max_utterance_s * PIPELINE_RATE)
+        self._background: set[asyncio.Task[object]] = set()
 
     def params(self, partials: bool) -> StreamParams:
         """The recognition stream's settings for this connection."""
@@ -227,6 +229,11 @@ class AsrConnection:
         if utt.forwarder is not None:
             await utt.forwarder
         now = time.monotonic()
+        # The streamed utterance's emotion, as a live one's: after its final, off the loop.
+        task = asyncio.create_task(emotion_app.analyse_stream_utterance(
+            self.ctx.app, self.id, utt.id, utt.stream.audio()), name=f"ws-asr-emotion:{utt.id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
         m = self.ctx.metrics
         m.latency.observe(final.finish_ms / 1000, stage="ws_asr_decode")
         m.latency.observe(now - t_stop, stage="ws_asr_final")
@@ -280,6 +287,7 @@ async def asr_ws(request: web.Request) -> web.StreamResponse:
     ctx.asr_sessions += 1
     ctx.sockets["asr"].add(ws)
     conn = AsrConnection(ctx, ws, engine, peer)
+    emotion_app.open_stream(ctx.app, conn.id)
     log.info("/ws/asr client %s connected (session %s)", peer, conn.id)
     try:
         await conn.status("ready", model=engine.model_id, sample_rate=PIPELINE_RATE,
@@ -291,6 +299,7 @@ async def asr_ws(request: web.Request) -> web.StreamResponse:
                 await conn.on_audio(msg.data)
     finally:
         conn.abandon()
+        emotion_app.end_stream(ctx.app, conn.id)
         ctx.asr_sessions -= 1
         ctx.sockets["asr"].discard(ws)
         log.info("/ws/asr client %s left", peer)

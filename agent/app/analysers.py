@@ -61,3 +61,34 @@ def _asr(cfg: Config, runner: Runner) -> Analyser | None:
     else:
         params = StreamParams()
     return AsrAnalyser(engine, runner, params)
+
+
+@analyser("emotion")
+def _emotion(cfg: Config, runner: Runner) -> Analyser | None:
+    e = cfg.emotion
+    if not e.enabled:
+        return None
+    from agent.app.emotion_sessions import EmotionSessions
+    from agent.emotion.analyser import SPEECH_ONSET_S, EmotionAnalyser, load_ensemble
+
+    ensemble = load_ensemble(e.models, threads=e.threads, min_audio_s=e.min_audio_s)
+    sessions = EmotionSessions(cfg.gate.mode, e.session_window_s, e.max_sessions)
+    # Live utterances start at the VAD onset minus the pre-roll; the model's training clips
+    # have speech from SPEECH_ONSET_S in (agent/emotion/analyser.py).
+    lead_s = max(0.0, SPEECH_ONSET_S - cfg.segmenter.pre_roll_ms / 1000)
+    # With ASR on, emotion waits for the final before asking for a worker: never ahead of it.
+    return EmotionAnalyser(ensemble, runner, sessions=sessions, lead_s=lead_s,
+                           min_audio_s=e.min_audio_s,
+                           yield_to="asr" if cfg.asr.enabled else None)
+
+
+@analyser("speaker")
+def _speaker(cfg: Config, runner: Runner) -> Analyser | None:
+    if not cfg.speaker.enabled:
+        return None
+    from agent.speaker.analyser import load_speaker_analyser
+
+    # Not yielding to ASR: its worker call is ~40 ms per 3 s utterance and goes behind any
+    # waiting final (Priority.ANALYSIS), so the speaker is known by the time the final is
+    # (`bench/asr.py --speaker-compare N` measures the final's latency with it on and off).
+    return load_speaker_analyser(cfg.speaker, cfg.state_dir, runner)

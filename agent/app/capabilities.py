@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from agent.app import asr, ptt
+from agent.app import asr, emotion, ptt, reply_commands, speaker
 from agent.app.core import App
 from agent.audio.base import AudioSource
 from agent.config import Config
 
 #: Each capability adds its registry entries (and nothing else) to a new App.
-CAPABILITIES = (ptt.register, asr.register)
+CAPABILITIES = (ptt.register, asr.register, emotion.register, reply_commands.register,
+                speaker.register)
 
 
 def create_app(cfg: Config, source: AudioSource | None = None,

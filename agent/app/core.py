@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from agent import __version__, providers
 from agent.analysis import Analyser
@@ -60,11 +60,15 @@ class App:
         self.stopping = False
         self.problems: dict[str, str] = {}  # what is missing: stage -> why
         self.started = time.monotonic()
+        self.tts_model: str | None = None  # the local voice, once the reply capability has one
         # Stage latencies measured by commands, for whichever front-end keeps metrics.
         self.latency_observers: list[Callable[[str, float], None]] = []
         # Capabilities that can take a reloaded config live: (old, new) -> what still needs a
         # restart (config paths), [] when all of it applied.
         self.reload_hooks: list[Callable[[Config, Config], list[str]]] = []
+        # Capabilities that check something once the models are loaded (e.g. voiceprints
+        # made by another model); run on the loop after `load_analysers`.
+        self.load_hooks: list[Callable[[], Awaitable[object]]] = []
 
     # -- errors -----------------------------------------------------------------------------
 
@@ -89,6 +93,12 @@ class App:
         for e in failed:  # reported here: the bus belongs to the loop, not the thread
             self.problems[e.stage] = e.message
             self.report(e)
+        for hook in self.load_hooks:
+            try:
+                await hook()
+            except AgentError as e:
+                self.problems[e.stage] = e.message
+                self.report(e)
 
     @property
     def asr_engine(self) -> AsrEngine | None:
@@ -124,7 +134,7 @@ class App:
         """Loaded model ids."""
         return ModelsStatus(asr=self.analyser_model("asr"), vad=self.vad_name,
                             speaker=self.analyser_model("speaker"),
-                            emotion=self.analyser_model("emotion"))
+                            emotion=self.analyser_model("emotion"), tts=self.tts_model)
 
     def health(self) -> Health:
         """`ok` only when models are loaded and audio flows; otherwise what is missing."""

@@ -43,12 +43,20 @@ class Frames:
 
 async def gate_stage(chunks: AsyncIterator[np.ndarray], gate: GateController
                      ) -> AsyncIterator[Audio | GateMarker]:
-    """Let audio through only while the gate is open; interleave gate transitions."""
+    """Let audio through only while the gate is open; interleave gate transitions.
+
+    While the gate is muted (half duplex: the daemon is speaking) the audio is replaced by
+    silence rather than dropped: an utterance in progress ends by silence as usual, none
+    starts, and sample offsets stay those of the source.
+    """
     offset = 0
     async for chunk in chunks:
         for marker in gate.drain():
             yield marker
         if gate.is_open:
+            if gate.muted:
+                gate.muted_samples += len(chunk)
+                chunk = np.zeros_like(chunk)
             yield Audio(offset, chunk)
         offset += len(chunk)
     for marker in gate.drain():

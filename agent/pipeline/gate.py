@@ -45,6 +45,9 @@ class GateController:
         self._markers: deque[GateMarker] = deque()
         self._hold_timer: asyncio.TimerHandle | None = None
         self.commands = 0
+        # Half duplex: while the daemon speaks, audio past the gate reaches the VAD as silence.
+        self.muted = False
+        self.muted_samples = 0
         if mode == "vad":
             self.state: GateState = "open"
             self.session_id: str | None = new_id()
@@ -62,6 +65,10 @@ class GateController:
         """Current state for status APIs."""
         return {"mode": self.mode, "state": self.state, "session_id": self.session_id}
 
+    def mute(self, on: bool) -> None:
+        """Half duplex: while on, audio passes the gate as silence (stream time goes on)."""
+        self.muted = on
+
     def drain(self) -> list[GateMarker]:
         """Markers queued since the last call, oldest first."""
         out = list(self._markers)
@@ -75,6 +82,9 @@ class GateController:
         if state == "open":
             self.session_id = new_id()
             self._arm_hold_timer()
+            # An explicit open is the user talking over the daemon (barge-in): their voice is
+            # wanted from its first sample, not after the reply has been cancelled.
+            self.muted = False
         elif self._hold_timer is not None:
             self._hold_timer.cancel()
             self._hold_timer = None

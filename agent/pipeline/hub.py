@@ -78,6 +78,9 @@ class AnalyserHub:
             log.exception("analyser %s failed on utterance %s", a.name, utt.id)
             self.pub.emit(ErrorEvent, session_id=utt.session_id, utterance_id=utt.id,
                           stage=a.name, code=code, message=str(e))
+        finally:
+            # Whoever waits for this analyser's result stops waiting, whatever happened.
+            utt.result_event(a.name).set()
 
     @property
     def busy(self) -> int:

@@ -1,0 +1,1 @@
+"""Wyoming front-end: speech to text and text to speech for Home Assistant's Assist."""
