@@ -18,7 +18,11 @@ SECURITY=${SECURITY:-http://deb.debian.org/debian-security}
 ARCH=${ARCH:-$(dpkg --print-architecture)}
 
 have() { command -v "$1" >/dev/null 2>&1; }
-if have podman && podman image exists "$IMAGE" && [ "${REBUILD:-0}" != 1 ]; then
+exists() {  # podman and buildah share one image store
+  if have podman; then podman image exists "$IMAGE"
+  else [ -n "$(buildah images -q "$IMAGE" 2>/dev/null)" ]; fi
+}
+if exists && [ "${REBUILD:-0}" != 1 ]; then
   echo "==> $IMAGE exists (REBUILD=1 to make it again)"
   exit 0
 fi
@@ -31,6 +35,7 @@ echo "==> mmdebstrap $SUITE ($ARCH) from $MIRROR"
 # /etc/apt/apt.conf.d), so packages installed later in the Containerfile stay slim as well.
 # merged-usr hook: /usr is merged by mmdebstrap itself, instead of installing usrmerge (which
 # pulls in the whole of perl, 50 MB).
+# shellcheck disable=SC2016 # "$1" in the hooks is mmdebstrap's, expanded by it
 mmdebstrap --variant=minbase --architectures="$ARCH" --format=tar \
   --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
   --include=ca-certificates \

@@ -130,6 +130,10 @@ class RecognitionStream:
         """Samples fed so far."""
         return self.buf.n
 
+    def audio(self) -> np.ndarray:
+        """A copy of everything fed (for analysers of client-streamed audio)."""
+        return self.buf.slice(0, self.buf.n)
+
     def feed(self, samples: np.ndarray) -> None:
         """Add float32 16 kHz mono audio (cheap: safe on the event loop)."""
         if self._closed or not len(samples):

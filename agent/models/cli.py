@@ -42,7 +42,7 @@ def add_models_arguments(parser: argparse.ArgumentParser) -> None:
     which = ins.add_mutually_exclusive_group()
     which.add_argument("--all", action="store_true", help="every model in the manifest")
     which.add_argument("--default", action="store_true",
-                       help="the default set (whisper-tiny.en-int8, silero-vad)")
+                       help="the default set (what the default config uses)")
     ins.add_argument("--force", action="store_true", help="reinstall even if installed")
     ins.add_argument("--allow-unpinned", action="store_true",
                      help="install downloads without a sha256 in the manifest (prints it)")
