@@ -26,6 +26,7 @@ from agent.constants import CAPTURE_RATES, PIPELINE_RATE
 from agent.errors import ConfigError
 
 ENV_PREFIX = "VOICE_AGENT__"
+_ORIGIN = re.compile(r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?/?$")
 
 
 def _default_device_id() -> str:
@@ -169,6 +170,9 @@ class MqttConfig(_Model):
     shutdown_flush_s: float = Field(default=5.0, ge=0, le=300)
     discovery: bool = True
     discovery_prefix: str = "homeassistant"
+    # "5" tells retained commands (and their clearing) from live ones whenever they arrive;
+    # "3.1.1" only those replayed at subscribe. "5" falls back to 3.1.1 by itself.
+    protocol: Literal["3.1.1", "5"] = "5"
     configuration_url: str | None = None  # in HA's device page; None: the kiosk URL
     support_url: str | None = None  # None: the project's home page
 
@@ -212,6 +216,25 @@ class ApiConfig(_Model):
     ws_send_timeout_s: float = Field(default=5.0, gt=0, le=600)
     ws_heartbeat_s: float = Field(default=20.0, gt=0, le=3600)
     kiosk: bool = True
+    # Host names the API answers to besides loopback names and IP literals (DNS rebinding);
+    # e.g. ["kiosk.local", "*.home.arpa"]; "*" = any.
+    allowed_hosts: list[str] = Field(default_factory=list)
+    # Other sites' origins allowed to call the API from a browser (CORS), e.g.
+    # ["https://dash.example:3000"]; the daemon's own pages need nothing here.
+    cors_origins: list[str] = Field(default_factory=list)
+    # Open connections at most (kept under the open-file limit); past it the oldest idle one
+    # is closed, else the newcomer gets 503.
+    max_connections: int = Field(default=256, ge=8, le=65_536)
+    header_timeout_s: float = Field(default=10.0, gt=0, le=3600)  # headers, and keep-alive idle
+    body_timeout_s: float = Field(default=60.0, gt=0, le=3600)  # the whole body, else 408
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        bad = [o for o in v if not _ORIGIN.match(o)]
+        if bad:
+            raise ValueError(f"not an origin (scheme://host[:port], no path): {bad}")
+        return [o.lower().rstrip("/") for o in v]
 
     @field_validator("key")
     @classmethod
@@ -417,9 +440,10 @@ class Config(_Model):
 # Config paths whose values are model ids from models_onnx/manifest.yaml, each with the key
 # that overrides the id with a directory (None: no such key). Sections whose `enabled` is
 # false are not checked. Sections that take model ids add theirs here.
-MODEL_ID_FIELDS: dict[str, str | None] = {"asr.model": "model_dir", "emotion.models": None}
+MODEL_ID_FIELDS: dict[str, str | None] = {"asr.model": "model_dir", "emotion.models": None,
+                                          "speaker.model": None, "reply.piper.model": None}
 # What an environment variable can hold that YAML would read as "no value".
-_NULLISH = frozenset({"", "~", "null", "none"})
+_NULLISH = frozenset({"~", "null"})
 
 
 def _types_in(annotation: Any) -> list[Any]:
@@ -451,7 +475,8 @@ def _env_overrides(env: Mapping[str, str]) -> list[tuple[list[str], Any, str]]:
     """`VOICE_AGENT__AUDIO__SAMPLE_RATE=48000` -> (["audio", "sample_rate"], 48000, name).
 
     Values are YAML scalars (numbers and booleans arrive typed), except secrets: those are
-    taken as the plain string they are (`123456` is a password, `null` is not "no key").
+    taken as the plain string they are (`123456` is a password, `0123` is not octal), only
+    unwrapped when the whole value is quoted (`'...'`, as YAML would have read it).
     """
     out: list[tuple[list[str], Any, str]] = []
     for name, raw in sorted(env.items()):
@@ -461,7 +486,8 @@ def _env_overrides(env: Mapping[str, str]) -> list[tuple[list[str], Any, str]]:
         if not path:
             continue
         if ".".join(path) in SECRET_PATHS:
-            out.append((path, raw, name))
+            quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+            out.append((path, raw[1:-1] if quoted else raw, name))
             continue
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
@@ -482,7 +508,7 @@ def _secret_problems(overrides: list[tuple[list[str], Any, str]]
     problems, names = [], []
     for path, value, name in overrides:
         dotted = ".".join(path)
-        if dotted in SECRET_PATHS and str(value).strip().lower() in _NULLISH:
+        if dotted in SECRET_PATHS and (value == "" or value.strip().lower() in _NULLISH):
             names.append(name)
             problems.append(f"{dotted}: {name} is set but empty (or null): unset the variable "
                             "to keep the file's value; to turn it off, set it to null in the "

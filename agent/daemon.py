@@ -24,9 +24,10 @@ from agent.app.sinks import jsonl_sink
 from agent.audio.base import AudioSource
 from agent.audio.sources import make_source
 from agent.bus import EventBus, Publisher
-from agent.config import Config, load_config
+from agent.config import Config, check_model_ids, load_config
 from agent.errors import AgentError
 from agent.events import ErrorEvent
+from agent.models import load_manifest
 from agent.pipeline.chain import Segmentation, run_pipeline
 from agent.pipeline.gate import GateController
 from agent.pipeline.hub import AnalyserHub
@@ -274,6 +275,7 @@ class Daemon:
             new = await asyncio.to_thread(load_config, self.config_path)
             if self.overrides is not None:
                 new = self.overrides(new)
+            check_model_ids(new, await asyncio.to_thread(lambda: load_manifest().ids))
         except AgentError as e:
             log.error("reload rejected, keeping the running configuration:\n  %s",
                       e.message.replace("\n", "\n  "))

@@ -195,8 +195,16 @@ def _ops(cfg: ApiConfig, commands: CommandRegistry | None, components: Json
         if op.get("security") != []:
             if cfg.key is not None:
                 op["responses"]["401"] = _error("missing or wrong API key")
-        if "requestBody" in op and "400" not in op["responses"]:
-            op["responses"]["400"] = bad
+        r = op["responses"]
+        # The guard's answers (agent/api/guard.py, accept.py) apply to every route.
+        r.setdefault("403", _error("Host not served (bad_host), or a cross-site request "
+                                   "(cross_origin)"))
+        r.setdefault("503", _error("the daemon is stopping (stopping), or too many "
+                                   "connections (too_many_connections)"))
+        if "requestBody" in op:
+            r.setdefault("400", bad)
+            r.setdefault("408", _error("the body did not arrive within api.body_timeout_s"))
+            r.setdefault("415", _error("unsupported Content-Type or Content-Encoding"))
     return ops
 
 

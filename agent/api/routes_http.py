@@ -206,7 +206,9 @@ def setup(app: web.Application, ctx: ApiContext, kiosk_page: bool) -> None:
     r.add_get("/api/stats", stats, name="stats")
     r.add_get("/metrics", metrics, name="metrics")
     r.add_get("/api/openapi.json", openapi, name="openapi")
-    for cmd in ctx.app.commands:
+    # Fixed paths before templated ones: /api/speakers/register must not resolve as
+    # /api/speakers/{speaker_id} (aiohttp tries resources in the order they were added).
+    for cmd in sorted(ctx.app.commands, key=lambda c: "{" in c.path):
         if "http" in cmd.surfaces:
             r.add_route(cmd.http.method, cmd.path, command_handler(cmd),
                         name=cmd.name.replace("/", "_"))

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import urllib.parse
 from http import HTTPStatus
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
-from agent.api import routes_http, ws_asr, ws_events
+from agent.api import accept, routes_http, ws_asr, ws_events, ws_tts, ws_verify
+from agent.api import guard as guards
 from agent.api.auth import auth_middleware
 from agent.api.context import CTX, ApiContext, is_loopback
 from agent.api.errors import ApiError, error_body, error_response
@@ -20,12 +23,20 @@ from agent.errors import AgentError
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_TIMEOUT_S = 2.0
+SHUTDOWN_TIMEOUT_S = 2.0  # requests in flight when the daemon stops: then answered 503
+GUARD = web.AppKey("voice_agent_guard", guards.RequestGuard)
+CLIENT_CLOSED = 499  # nginx's status for "the client went away before the answer"
 
 
 def _error_response(status: int, code: str, message: str,
                     headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response(error_body(code, message), status=status, headers=headers)
+
+
+def _client_gone(request: web.Request, exc: BaseException) -> bool:
+    """The request failed because its client hung up (mid-upload, typically)."""
+    transport = request.transport
+    return isinstance(exc, ConnectionError) or transport is None or transport.is_closing()
 
 
 def _code_for(status: int) -> str:
@@ -71,7 +82,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         # A malformed body seen while a handler reads it: the client's fault, not ours.
         status = e.code if 400 <= e.code < 500 else 400
         return _error_response(status, "bad_request", f"malformed request: {e.message}")
-    except Exception:
+    except Exception as e:
+        if _client_gone(request, e):
+            # Not our failure, and nobody is left to read an answer: one line, counted as 499.
+            status = CLIENT_CLOSED
+            log.info("%s %s: client %s went away before the answer (%s)", request.method,
+                     request.path, request.remote, type(e).__name__)
+            return _error_response(status, "client_closed", "the client closed the connection")
         # A bug: logged with its traceback, and the client still gets JSON.
         log.exception("%s %s failed", request.method, request.path)
         return _error_response(500, "internal", "internal error (logged by the daemon)")
@@ -84,14 +101,20 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 def build_app(ctx: ApiContext) -> web.Application:
     """The aiohttp application for `ctx` (also what tests serve with aiohttp's test server)."""
     cfg = ctx.cfg
+    guard = guards.RequestGuard(guards.GuardConfig.from_api(cfg))
     app = web.Application(
         client_max_size=int(cfg.max_body_mb * 2**20),
-        middlewares=[errors_middleware, auth_middleware(cfg.key)],
+        # The guard before the key: a forged cross-site request is refused whatever it holds.
+        middlewares=[errors_middleware, guard.middleware, auth_middleware(cfg.key)],
     )
     app[CTX] = ctx
+    app[GUARD] = guard
+    app.on_response_prepare.append(guard.on_prepare)
     routes_http.setup(app, ctx, kiosk_page=cfg.kiosk)
     ws_events.setup(app)
     ws_asr.setup(app)
+    ws_tts.setup(app)
+    ws_verify.setup(app)
     app.cleanup_ctx.append(ctx.lifecycle)
     app.on_shutdown.append(ctx.close_sockets)
     return app
@@ -107,27 +130,55 @@ class ApiService(Service):
         self.ctx = ApiContext(app)
         self.web = build_app(self.ctx)
         self.port: int | None = None  # the bound port (api.port may be 0)
+        self.bound = asyncio.Event()  # listening: the banner can show the URL
+        self.acceptor: accept.Acceptor | None = None  # the listening sockets, once bound
+
+    def url(self) -> str | None:
+        """The kiosk URL (with `?token=` when a key is set), once listening."""
+        if self.port is None:
+            return None
+        cfg = self.ctx.cfg
+        host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+        host = f"[{host}]" if ":" in host else host
+        token = ""
+        if cfg.key is not None:
+            token = "?token=" + urllib.parse.quote(cfg.key.get_secret_value(), safe="")
+        return f"http://{host}:{self.port}/{token}"
+
+    def describe(self) -> str | None:
+        """One banner line: where the kiosk and the API are."""
+        url = self.url()
+        return None if url is None else f"kiosk and API at {url}"
 
     async def run(self) -> None:
         """Serve until `daemon.stopped`; a port that cannot be bound is an ApiError."""
         cfg = self.ctx.cfg
         if cfg.key is None and not is_loopback(cfg.host):
             log.warning("API on %s without api.key: anyone on the network can use it", cfg.host)
-        runner = web.AppRunner(self.web, handle_signals=False, access_log=None,
-                               shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        guard = self.web[GUARD]
+        runner = make_runner(self.web)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
             try:
-                await site.start()
+                self.acceptor = await accept.serve(runner, cfg.host, cfg.port, guard)
             except OSError as e:
                 raise ApiError(500, "bind_failed",
                                f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}"
                                ) from e
-            addrs = runner.addresses
-            self.port = addrs[0][1] if addrs else cfg.port
+            self.port = self.acceptor.port or cfg.port
             log.info("API listening on http://%s:%d/", cfg.host, self.port)
+            self.bound.set()
             await self.app.stopped.wait()
+            await guard.drain(SHUTDOWN_TIMEOUT_S)
         finally:
+            if self.acceptor is not None:
+                self.acceptor.close()
             await runner.cleanup()
             log.info("API stopped")
+
+
+def make_runner(web_app: web.Application) -> web.AppRunner:
+    """The aiohttp runner for `web_app` with the guard's timeouts (serve it with accept.serve)."""
+    return web.AppRunner(web_app, handle_signals=False, access_log=None,
+                         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                         **accept.runner_kwargs(web_app[GUARD].cfg))

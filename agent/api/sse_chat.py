@@ -116,8 +116,10 @@ OPENAPI: dict[str, Any] = {
     "requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": "#/components/schemas/ChatRequest"}}}},
     "responses": {
+        # Each event's data is a JSON object (described above); OpenAPI 3.1 has no schema for
+        # a stream of them, so none is claimed.
         "200": {"description": "the reply's events", "content": {
-            "text/event-stream": {"schema": {"type": "string"}}}},
+            "text/event-stream": {"schema": {}}}},
         **{str(s): {"description": why, "content": {"application/json": {
             "schema": {"$ref": "#/components/schemas/Error"}}}}
            for s, why in ((400, "bad JSON or payload"), (413, "body too large"),

@@ -29,15 +29,16 @@ def analyser(name: str) -> Callable[[Factory], Factory]:
 
 
 def build_analysers(cfg: Config, runner: Runner,
-                    report: Callable[[AgentError], None]) -> dict[str, Analyser]:
-    """Every enabled analyser (blocking: models load here); failures are reported, skipped."""
+                    report: Callable[[str, AgentError], None]) -> dict[str, Analyser]:
+    """Every enabled analyser (blocking: models load here); failures are reported by analyser
+    name, and skipped."""
     out: dict[str, Analyser] = {}
     for name, factory in ANALYSERS.items():
         try:
             a = factory(cfg, runner)
         except AgentError as e:
             # That analysis is lost, but capture, gate, VAD and the other analysers go on.
-            report(e)
+            report(name, e)
             continue
         if a is not None:
             out[name] = a

@@ -87,11 +87,11 @@ class App:
 
     async def load_analysers(self) -> None:
         """Build every enabled analyser off the loop; failures are reported and recorded."""
-        failed: list[AgentError] = []
-        self.analysers = await asyncio.to_thread(build_analysers, self.cfg, self.runner,
-                                                 failed.append)
-        for e in failed:  # reported here: the bus belongs to the loop, not the thread
-            self.problems[e.stage] = e.message
+        failed: list[tuple[str, AgentError]] = []
+        self.analysers = await asyncio.to_thread(
+            build_analysers, self.cfg, self.runner, lambda name, e: failed.append((name, e)))
+        for name, e in failed:  # reported here: the bus belongs to the loop, not the thread
+            self.problems[name] = e.message  # one entry per missing analyser
             self.report(e)
         for hook in self.load_hooks:
             try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel
+from pydantic import BaseModel, StrictBool
 
 from agent.app.commands import CallContext, Command, Empty, Payload
 from agent.app.status import GateStatus
@@ -32,7 +32,7 @@ class PttResult(BaseModel):
 class ListeningRequest(Payload):
     """The gate state wanted: open (`on`) or closed."""
 
-    on: bool
+    on: StrictBool  # strict: 0 or "off" is a mistake, not false
 
 
 SUMMARIES = {

@@ -76,11 +76,14 @@ class FileSource(AudioSource):
             raise AudioSourceError(
                 "unsupported", f"{self.path}: not a WAV/FLAC/MP3/OGG file and ffmpeg is absent"
             )
-        proc = await asyncio.create_subprocess_exec(
-            exe, "-nostdin", "-hide_banner", "-loglevel", "error", "-i", str(self.path),
-            "-f", "s16le", "-ac", "1", "-ar", str(PIPELINE_RATE), "-",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                exe, "-nostdin", "-hide_banner", "-loglevel", "error", "-i", str(self.path),
+                "-f", "s16le", "-ac", "1", "-ar", str(PIPELINE_RATE), "-",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as e:  # EMFILE, ENOMEM: this file fails, the daemon does not
+            raise AudioSourceError("unreadable", f"{self.path}: cannot run ffmpeg: {e}") from e
         assert proc.stdout is not None and proc.stderr is not None
         got = 0
         carry = b""

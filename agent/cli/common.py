@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.config import Config, load_config
+from agent.config import Config, check_model_ids, load_config
 from agent.errors import AgentError, ConfigError
 
 if TYPE_CHECKING:
@@ -23,13 +23,28 @@ ANALYSERS = ("asr", "emotion", "speaker")
 def config_or_exit(path: str | None) -> Config:
     """The config, or every problem printed and exit 2."""
     try:
-        return load_config(path)
+        cfg = load_config(path)
+        known = _manifest_ids()
+        if known is not None:
+            check_model_ids(cfg, known)
+        return cfg
     except ConfigError as e:
-        where = path or "embedded defaults"
+        where = getattr(e, "source", "") or path or "embedded defaults"
         print(f"config error ({where}):", file=sys.stderr)
         for line in e.message.splitlines():
             print(f"  {line}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
+
+
+def _manifest_ids() -> list[str] | None:
+    """The manifest's model ids (None when it cannot be read: then ids are not checked)."""
+    from agent.errors import ModelError
+    from agent.models import load_manifest
+
+    try:
+        return load_manifest().ids
+    except ModelError:
+        return None
 
 
 def only(cfg: Config, *keep: str, **updates: Any) -> Config:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -38,8 +39,9 @@ class Reply(BaseModel):
 
 
 def clip(text: str, n: int = MAX_ECHO) -> str:
-    """A client's string, cut for echoing and logging."""
-    return text if len(text) <= n else text[:n] + "..."
+    """A client's string, cut for echoing and logging, control characters replaced."""
+    shown = "".join(c if c.isprintable() else "?" for c in text[:n])
+    return shown if len(text) <= n else shown + "..."
 
 
 def parse_payload(raw: bytes) -> tuple[dict[str, Any], str | None]:
@@ -67,11 +69,42 @@ def recover_request_id(raw: bytes) -> str | None:
     return rid if isinstance(rid, str) and valid_request_id(rid) else None
 
 
+class RetainedFilter:
+    """Which command messages are retained ones (or their clearing), never to be run.
+
+    A retained command is replayed at every subscribe: running it would repeat a stale
+    command at every reconnect. Over MQTT 5 (retain-as-published) every retained message
+    says so. Over 3.1.1 only the replayed copies do, and the empty message that clears a
+    retained command reaches a connected client as a plain empty command: an empty message on
+    a topic seen holding a retained command is that clearing.
+    """
+
+    def __init__(self) -> None:
+        self._held: set[str] = set()  # topics seen holding a retained command
+
+    def ignore(self, topic: str, raw: bytes, retain: bool) -> bool:
+        """Whether this message must not run (logged when so)."""
+        if retain:
+            log.warning("MQTT: retained command on %s ignored", clip(topic))
+            if raw:
+                self._held.add(topic)
+            else:
+                self._held.discard(topic)
+            return True
+        if not raw and topic in self._held:
+            self._held.discard(topic)
+            log.info("MQTT: retained command on %s cleared (ignored)", clip(topic))
+            return True
+        return False
+
+
 class CommandRouter:
     """Validates a command, runs it through the registry, and builds its reply; never raises."""
 
-    def __init__(self, registry: CommandRegistry) -> None:
+    def __init__(self, registry: CommandRegistry,
+                 on_error: Callable[[AgentError], None] | None = None) -> None:
         self.registry = registry
+        self.on_error = on_error  # told of handler bugs (the daemon: an `error` event)
         self.handled = 0
         self.failed = 0
 
@@ -102,5 +135,15 @@ class CommandRouter:
             log.warning("MQTT command %s refused: %s/%s", shown, e.code, clip(e.message, 200))
             return Reply(request_id=rid, command=shown, ok=False,
                          error=ReplyError(code=e.code, message=e.message))
+        except Exception as e:
+            # A bug in a handler: logged with its traceback; the client still gets its reply.
+            self.failed += 1
+            log.exception("MQTT command %s failed", shown)
+            if self.on_error is not None:
+                self.on_error(CommandError("command_failed", f"command {shown} failed: "
+                                           f"{type(e).__name__}: {clip(str(e), 200)}"))
+            return Reply(request_id=rid or recover_request_id(raw), command=shown, ok=False,
+                         error=ReplyError(code="internal", message="internal error (logged by "
+                                          "the daemon)"))
         return Reply(request_id=rid, command=shown, ok=True,
                      result=result.model_dump(mode="json"))

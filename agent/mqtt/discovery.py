@@ -199,7 +199,7 @@ def _lan_address() -> str:
 
 def configuration_url(cfg: Config) -> str | None:
     """The kiosk's URL as Home Assistant's users reach it (never with the API key in it)."""
-    override = getattr(cfg.mqtt, "configuration_url", None)
+    override = cfg.mqtt.configuration_url
     if override:
         return str(override)
     api = cfg.api
@@ -212,7 +212,7 @@ def configuration_url(cfg: Config) -> str | None:
 
 def support_url(cfg: Config, config_url: str | None) -> str | None:
     """Where users get help: `mqtt.support_url`, else the package's home page, else the kiosk."""
-    override = getattr(cfg.mqtt, "support_url", None)
+    override = cfg.mqtt.support_url
     if override:
         return str(override)
     with contextlib.suppress(Exception):

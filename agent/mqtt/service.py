@@ -18,9 +18,20 @@ from agent.app.core import App
 from agent.app.service import Service
 from agent.config import Config
 from agent.events import BaseEvent
-from agent.mqtt.client import Backoff, BrokerError, classify, make_client, tls_context
-from agent.mqtt.commands import CommandRouter, Reply
-from agent.mqtt.discovery import discovery_messages
+from agent.mqtt.client import (
+    Backoff,
+    BrokerError,
+    classify,
+    command_subscription,
+    make_client,
+    protocol_of,
+    refused,
+    tls_context,
+    unsupported_protocol,
+    until_listening,
+)
+from agent.mqtt.commands import CommandRouter, Reply, RetainedFilter, clip
+from agent.mqtt.discovery import Discovery, state_path
 from agent.mqtt.outbox import Entry, Outbox
 from agent.mqtt.topics import (
     OFFLINE,
@@ -47,6 +58,9 @@ STATE_EVENTS = frozenset({"state.changed", "utterance.started", "utterance.ended
                           "asr.final", "error"})
 # Codes worth an `error` event even in the middle of an outage: they need a human.
 _CONFIG_CODES = frozenset({"auth_failed", "refused", "tls", "tls_config"})
+PROBE_JITTER_S = 0.25  # after the broker's port opens: spread the reconnects of many devices
+# At most one `message_failed` error event this often (a flood of bad messages is counted).
+MESSAGE_REPORT_INTERVAL_S = 5.0
 
 
 def outbox_path(cfg: Config) -> Path:
@@ -87,9 +101,12 @@ class MqttService(Service):
         self.device_id = app.cfg.device_id
         self.topics = Topics.for_config(self.cfg, self.device_id)
         self.sub = app.bus.subscribe(app.cfg.events.queue_size, name="mqtt")
+        # Opened in run(), off the loop (and after a replaced service has closed it).
         self.outbox = Outbox(self.cfg.outbox_size,
-                             outbox_path(app.cfg) if self.cfg.outbox_persist else None)
-        self.router = CommandRouter(app.commands)
+                             outbox_path(app.cfg) if self.cfg.outbox_persist else None,
+                             offload=True, load=False)
+        self.discovery = Discovery(app, self.topics, state_path(app.cfg))
+        self.router = CommandRouter(app.commands, on_error=app.report)
         self._commands: set[asyncio.Task[None]] = set()
         self._command_slots = asyncio.Semaphore(MAX_CONCURRENT_COMMANDS)
         self.stats = MqttStats()
@@ -102,6 +119,11 @@ class MqttService(Service):
         self._drops_reported = 0
         self._persist_reported = False
         self._flush_deadline: float | None = None  # monotonic; set when shutdown begins
+        self._protocol = protocol_of(self.cfg)
+        self._last_exc: BaseException | None = None
+        self._retained = RetainedFilter()
+        self.failed_messages = 0
+        self._failures_reported_at = -MESSAGE_REPORT_INTERVAL_S
 
     # -- bus -> outbox ----------------------------------------------------------------------
 
@@ -122,18 +144,30 @@ class MqttService(Service):
     async def run(self) -> None:
         """Connect, reconnect with backoff, and on shutdown flush, say `offline`, disconnect."""
         with self.sub:
+            if self.outbox.path is not None:
+                await asyncio.to_thread(self.outbox.open)
+                if self.outbox.damage:
+                    self.app.report(BrokerError("outbox_corrupt", self.outbox.damage))
             feed = asyncio.create_task(self._feed(), name="mqtt-feed")
             try:
                 tls = await asyncio.to_thread(tls_context, self.cfg)
                 await self._connect_loop(tls)
+            except (asyncio.CancelledError, BrokerError):
+                raise
+            except Exception as e:
+                # A bug, not the broker: the daemon goes on without MQTT, and says so.
+                self.app.problems["mqtt"] = f"MQTT front-end stopped: {type(e).__name__}: {e}"
+                raise
             finally:
                 feed.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await feed
+                for t in list(self._commands):
+                    t.cancel()
                 if self.outbox:
                     log.warning("MQTT: %d messages not delivered, kept for the next start%s",
                                 len(self.outbox), "" if self.outbox.path else " (not persisted)")
-                self.outbox.close()
+                await self.outbox.aclose()
 
     def _flush_left(self) -> float:
         """Seconds left to deliver the outbox, once shutdown has begun."""
@@ -145,15 +179,18 @@ class MqttService(Service):
         while True:
             if self._closing.is_set() and (not self.outbox or self._flush_left() <= 0):
                 return
-            client = make_client(self.cfg, self.topics, self.device_id, tls)
+            client = make_client(self.cfg, self.topics, self.device_id, tls, self._protocol)
             client.pending_calls_threshold = MAX_INFLIGHT + 10
             try:
                 async with client:
                     try:
                         await self._session(client)
-                    except asyncio.CancelledError:
-                        # Cancelled with the daemon: the disconnect below is a clean one, which
-                        # suppresses the Last Will, so say `offline` ourselves if we can.
+                    except aiomqtt.MqttError:
+                        raise
+                    except (asyncio.CancelledError, Exception):
+                        # Cancelled with the daemon, or dying of a bug: the disconnect below
+                        # is a clean one, which suppresses the Last Will, so say `offline`
+                        # ourselves if we can.
                         with contextlib.suppress(Exception):
                             await asyncio.wait_for(client.publish(
                                 self.topics.status, OFFLINE, qos=1, retain=True), 1.0)
@@ -165,6 +202,11 @@ class MqttService(Service):
                 log.info("MQTT: disconnected from %s:%d", self.cfg.host, self.cfg.port)
                 return
             except (aiomqtt.MqttError, OSError) as e:
+                if self._protocol == "5" and unsupported_protocol(e):
+                    log.warning("MQTT: the broker does not speak MQTT 5; using 3.1.1")
+                    self._protocol = "3.1.1"
+                    continue
+                self._last_exc = e
                 self._failed(classify(e))
             finally:
                 self.connected.clear()
@@ -173,19 +215,34 @@ class MqttService(Service):
                 await asyncio.sleep(min(delay, self._flush_left()))
             else:
                 log.debug("MQTT: reconnecting in %.2f s", delay)
-                with contextlib.suppress(TimeoutError):
-                    # Shutdown cuts the wait short: one more try to deliver the outbox.
-                    await asyncio.wait_for(self._closing.wait(), delay)
+                await self._wait_to_retry(delay)
+
+    async def _wait_to_retry(self, delay: float) -> None:
+        """Sleep `delay`, cut short by shutdown, or by the broker's port opening again.
+
+        The probe is a plain TCP connect, only while the failure was "nothing listens" (a
+        restarting broker): a broker that refuses our credentials is not hammered.
+        """
+        waits: list[asyncio.Future[object]] = [asyncio.ensure_future(self._closing.wait())]
+        if self._last_exc is not None and refused(self._last_exc):
+            waits.append(asyncio.ensure_future(until_listening(
+                self.cfg.host, self.cfg.port, self._backoff.jitter(PROBE_JITTER_S))))
+        try:
+            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     async def _session(self, client: aiomqtt.Client) -> None:
         """One connection: announce, then publish, serve commands and state until it ends."""
-        await client.subscribe(self.topics.commands, qos=1)
+        sub_args = command_subscription(self._protocol == "5")
+        await client.subscribe(self.topics.commands, **sub_args)  # type: ignore[arg-type]
         if self.cfg.discovery:
             # Home Assistant's birth message: it lost our configs, send them again.
             await client.subscribe(f"{self.cfg.discovery_prefix}/status", qos=1)
         await client.publish(self.topics.status, ONLINE, qos=1, retain=True)
-        if self.cfg.discovery:
-            await self._publish_discovery(client)
+        # Configs, or (discovery turned off since) the removals of what was published.
+        await self.discovery.sync(client)
         self._connected()
         self.outbox.rewind()
         self._state_dirty.set()
@@ -196,6 +253,8 @@ class MqttService(Service):
             asyncio.create_task(self._state_loop(client), name="mqtt-state"),
             asyncio.create_task(self._until_flushed(), name="mqtt-flush"),
             asyncio.create_task(self._drop_reporter(), name="mqtt-drops"),
+            # Entities that depend on loaded models are published again once they load.
+            asyncio.create_task(self.discovery.follow(client), name="mqtt-discovery"),
         ]
         try:
             done, _ = await asyncio.wait([*tasks, lost], return_when=asyncio.FIRST_COMPLETED)
@@ -276,9 +335,14 @@ class MqttService(Service):
         async def publish(entry: Entry) -> None:
             try:
                 await client.publish(entry.topic, entry.payload, qos=entry.qos)
-            except Exception as e:
+            except (aiomqtt.MqttError, OSError) as e:
                 if not lost.done():
                     lost.set_exception(e)
+            except Exception as e:
+                # This message cannot be published (paho refused it): drop it, not the
+                # connection, or it would be retried at every reconnect, for ever.
+                self.outbox.ack(entry.seq)
+                self._message_failed(entry.topic, e, "publish")
             else:
                 # Acknowledged (QoS 1/2) or written (QoS 0): only now it leaves the outbox.
                 self.outbox.ack(entry.seq)
@@ -299,38 +363,63 @@ class MqttService(Service):
                 t.cancel()
 
     async def _reader(self, client: aiomqtt.Client) -> None:
-        """Commands in; a reply for each. Raises MqttError when the connection drops."""
-        ha_status = f"{self.cfg.discovery_prefix}/status"
+        """Commands in; a reply for each. Raises MqttError when the connection drops.
+
+        Whatever one message does wrong is that message's problem: it is reported and
+        dropped, and the reader goes on.
+        """
         async for msg in client.messages:
-            topic = msg.topic.value
-            raw = _payload_bytes(msg.payload)
-            if topic == ha_status:
-                if raw.strip() == b"online" and self.cfg.discovery:
-                    await self._publish_discovery(client)
-                continue
-            name = self.topics.command_name(topic)
-            if name is None:
-                continue
-            if msg.retain:
-                # Replayed on subscribe: running it would repeat a stale command at every
-                # reconnect.
-                log.warning("MQTT: retained command on %s ignored", topic)
-                continue
-            self.stats.commands += 1
-            if self._command_slots.locked():
-                # Past the limit the reply says so at once: nothing piles up unbounded.
-                self._reply(await self.router.busy(name, raw))
-                continue
-            await self._command_slots.acquire()
-            task = asyncio.create_task(self._run_command(name, raw), name=f"mqtt-cmd:{name}")
-            self._commands.add(task)
-            task.add_done_callback(self._commands.discard)
+            try:
+                await self._on_message(client, msg)
+            except (aiomqtt.MqttError, asyncio.CancelledError):
+                raise
+            except Exception as e:
+                self._message_failed(getattr(msg.topic, "value", "?"), e, "handle")
+
+    async def _on_message(self, client: aiomqtt.Client, msg: aiomqtt.Message) -> None:
+        topic = msg.topic.value
+        raw = _payload_bytes(msg.payload)
+        if topic == f"{self.cfg.discovery_prefix}/status":
+            if raw.strip() == b"online" and self.cfg.discovery:
+                await self._publish_discovery(client)
+            return
+        name = self.topics.command_name(topic)
+        if name is None:
+            if topic.rstrip("/") != f"{self.topics.prefix}/cmd":
+                return
+            name = ""  # `cmd` or `cmd/` itself: no command name, an error reply says so
+        if self._retained.ignore(topic, raw, msg.retain):
+            return
+        self.stats.commands += 1
+        if self._command_slots.locked():
+            # Past the limit the reply says so at once: nothing piles up unbounded.
+            self._reply(await self.router.busy(name, raw))
+            return
+        await self._command_slots.acquire()
+        task = asyncio.create_task(self._run_command(name, raw), name=f"mqtt-cmd:{clip(name)}")
+        self._commands.add(task)
+        task.add_done_callback(self._commands.discard)
 
     async def _run_command(self, name: str, raw: bytes) -> None:
         try:
             self._reply(await self.router.handle(name, raw))
+        except Exception as e:  # the router never raises; a reply that cannot be queued might
+            self._message_failed(self.topics.command(name), e, "reply")
         finally:
             self._command_slots.release()
+
+    def _message_failed(self, topic: str, e: Exception, what: str) -> None:
+        """One message could not be handled: logged, counted, reported now and then."""
+        self.failed_messages += 1
+        log.error("MQTT: cannot %s a message on %s, dropped: %s: %s", what, clip(topic),
+                  type(e).__name__, clip(str(e), 200), exc_info=e)
+        now = time.monotonic()
+        if now - self._failures_reported_at >= MESSAGE_REPORT_INTERVAL_S:
+            self._failures_reported_at = now
+            self.app.report(BrokerError(
+                "message_failed", f"cannot {what} a message on {clip(topic)} "
+                f"({type(e).__name__}: {clip(str(e), 200)}); dropped it "
+                f"({self.failed_messages} since start)"))
 
     def _reply(self, reply: Reply) -> None:
         self.outbox.put(self.topics.reply(reply.request_id), reply.model_dump_json(),
@@ -345,9 +434,7 @@ class MqttService(Service):
             await client.publish(self.topics.state, self.state_payload(), qos=1, retain=True)
 
     async def _publish_discovery(self, client: aiomqtt.Client) -> None:
-        for topic, payload in discovery_messages(self.topics, self.device_id,
-                                                 self.cfg.discovery_prefix):
-            await client.publish(topic, payload, qos=1, retain=True)
+        await self.discovery.sync(client)
 
     def state_payload(self) -> str:
         """The daemon's snapshot plus this front-end's own counters, as JSON."""

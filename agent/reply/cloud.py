@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from typing import Any
 
 from pydantic import SecretStr
 
+from agent import jsonsafe
 from agent.errors import CloudError
+from agent.jsonsafe import BadJson
 
 DEFAULT_HTTP_BASE = "https://dashscope.aliyuncs.com/api/v1"
 DEFAULT_WS_BASE = "wss://dashscope.aliyuncs.com/api-ws/v1/inference"
@@ -75,8 +76,8 @@ def parse_error_body(body: str | bytes | None) -> tuple[str | None, str | None, 
     candidates = [body] + [ln[5:] for ln in body.splitlines() if ln.startswith("data:")]
     for text in candidates:
         try:
-            obj = json.loads(text)
-        except ValueError:
+            obj = jsonsafe.loads(text, max_bytes=len(text.encode()) + 1)
+        except BadJson:
             continue
         if isinstance(obj, dict):
             return _str(obj.get("code")), _str(obj.get("message")), _str(obj.get("request_id"))

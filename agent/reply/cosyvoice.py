@@ -26,8 +26,10 @@ import aiohttp
 import numpy as np
 from pydantic import SecretStr
 
+from agent import jsonsafe
 from agent.constants import PIPELINE_RATE
 from agent.errors import CloudError
+from agent.jsonsafe import BadJson
 from agent.reply import cloud
 from agent.reply.tts import EvenBytes, PcmResampler, Tts
 
@@ -232,9 +234,9 @@ class CosyVoiceTts(Tts):
     def _on_event(self, data: str, task_id: str) -> str:
         """The event name of a server JSON frame; raises CloudError on task-failed."""
         try:
-            header = json.loads(data)["header"]
+            header = jsonsafe.loads(data, max_bytes=len(data.encode()) + 1)["header"]
             event = str(header["event"])
-        except (ValueError, KeyError, TypeError):
+        except (BadJson, KeyError, TypeError):
             raise CloudError("bad_response", f"malformed CosyVoice event: {data[:120]!r}"
                              ) from None
         if event == "task-failed":

@@ -22,7 +22,9 @@ from typing import Any, Protocol
 import aiohttp
 from pydantic import SecretStr
 
+from agent import jsonsafe
 from agent.errors import CloudError
+from agent.jsonsafe import BadJson
 from agent.reply import cloud
 
 log = logging.getLogger(__name__)
@@ -261,11 +263,11 @@ async def _sse(content: aiohttp.StreamReader, deadline: _Deadline
 def _parse_delta(data: str) -> LlmDelta:
     """The text increment and finish reason of one `result` event."""
     try:
-        obj = json.loads(data)
+        obj = jsonsafe.loads(data, max_bytes=len(data.encode()) + 1)
         choice = obj["output"]["choices"][0]
         content = choice.get("message", {}).get("content") or ""
         reason = choice.get("finish_reason")
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+    except (BadJson, KeyError, IndexError, TypeError, AttributeError):
         raise CloudError("bad_response",
                          f"malformed DashScope SSE data: {data[:120]!r}") from None
     if not isinstance(content, str):

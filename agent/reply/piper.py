@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -118,7 +119,7 @@ class PiperTts(Tts):
 
     def synthesize_blocking(self, text: str) -> np.ndarray:
         """All of `text` as 16 kHz int16 (for files and tests; blocking)."""
-        _check_text(text)
+        text = _check_text(text)
         res = PcmResampler(self.voice_rate)
         with self._lock:
             pcm = b"".join(res.process(a) for a in self._sentences(text))
@@ -132,7 +133,7 @@ class PiperTts(Tts):
         async for text in text_chunks:
             if not text.strip():
                 continue
-            _check_text(text)
+            text = _check_text(text)
             sentences = self._sentences(text)
 
             def next_sentence(it: Iterator[np.ndarray] = sentences) -> np.ndarray | None:
@@ -149,9 +150,15 @@ class PiperTts(Tts):
             yield tail
 
 
-def _check_text(text: str) -> None:
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _check_text(text: str) -> str:
+    """The text Piper can speak: control characters (which crash its phonemizer) as spaces."""
+    text = _CONTROL.sub(" ", text)
     if not text.strip():
         raise ReplyError("empty_text", "nothing to say: the text is empty", status=400)
     if len(text) > MAX_TEXT_CHARS:
         raise ReplyError("text_too_long", f"text of {len(text)} characters; at most "
                          f"{MAX_TEXT_CHARS} can be spoken at once", status=413)
+    return text

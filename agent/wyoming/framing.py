@@ -12,10 +12,12 @@ ends the connection.
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 
 from wyoming.event import Event
+
+from agent import jsonsafe
+from agent.jsonsafe import BadJson
 
 MAX_LINE = 64 * 1024  # header line (the StreamReader limit)
 MAX_DATA = 256 * 1024  # JSON `data` after the header
@@ -62,9 +64,9 @@ async def read_event(reader: asyncio.StreamReader) -> Event | Refused | None:
     if not line.endswith(b"\n"):
         return None  # the peer went away in the middle of a header
     try:
-        header = json.loads(line)
-    except ValueError as e:
-        return Refused("bad_json", f"event header is not JSON: {e}")
+        header = jsonsafe.loads(line, max_bytes=MAX_LINE, what="event header")
+    except BadJson as e:
+        return Refused("bad_json", e.message)
     if not isinstance(header, dict):
         return Refused("bad_event", "event header must be a JSON object")
     data_len = _length(header, "data_length")
@@ -91,9 +93,9 @@ async def read_event(reader: asyncio.StreamReader) -> Event | Refused | None:
         return Refused("bad_event", f"{kind}: `data` must be a JSON object")
     if extra:
         try:
-            more = json.loads(extra)
-        except ValueError as e:
-            return Refused("bad_json", f"{kind}: event data is not JSON: {e}")
+            more = jsonsafe.loads(extra, max_bytes=MAX_DATA, what=f"{kind} event data")
+        except BadJson as e:
+            return Refused("bad_json", e.message)
         if not isinstance(more, dict):
             return Refused("bad_event", f"{kind}: event data must be a JSON object")
         data = {**data, **more}
