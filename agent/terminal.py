@@ -134,7 +134,9 @@ class TerminalService(Service):
         elif isinstance(ev, AsrFinal):
             line.text, line.final, line.latency_ms = ev.text, True, ev.eos_to_final_ms
         elif isinstance(ev, SpeakerIdentified):
-            line.speaker = ev.name if ev.is_match else "unknown"
+            # With nobody enrolled every line would say "unknown": that says nothing.
+            if ev.is_match or ev.reason != "no_voiceprints":
+                line.speaker = ev.name if ev.is_match else "unknown"
         elif isinstance(ev, EmotionDetected):
             line.emotion = ev.label
         self._draw()

@@ -40,6 +40,12 @@ if compgen -G "$wheels/torch-*.whl" >/dev/null; then
 else
   args+=(--build-arg "CONVERT_PIP_ARGS=--extra-index-url https://download.pytorch.org/whl/cpu")
 fi
+# MODEL_SOURCES: a host directory of model source files (e.g. the emotion checkpoint) taken
+# instead of downloading them (`voice-agent models install --from`), for offline builds.
+if [ -n "${MODEL_SOURCES:-}" ]; then
+  args+=(--volume "$(realpath "$MODEL_SOURCES"):/model-sources:ro"
+         --build-arg "MODEL_SOURCES=/model-sources")
+fi
 ca=${BUILD_CA-/etc/ssl/certs/ca-certificates.crt}
 if [ -n "$ca" ] && [ -f "$ca" ]; then
   args+=(--volume "$ca:/etc/ssl/certs/ca-certificates.crt:ro"

@@ -86,7 +86,10 @@ def options_to_config(options: dict[str, Any], mqtt_service: dict[str, Any] | No
         "gate": {"mode": options.get("gate_mode", "ptt")},
         "vad": {"backend": options.get("vad_backend", "webrtc")},
         "asr": {"model": options.get("asr_model", "whisper-tiny.en-int8")},
-        "api": {"enabled": True, "host": "0.0.0.0", "port": API_PORT},
+        # Reached by name from Home Assistant's own pages and the LAN (the Host check refuses
+        # names it was not told about: DNS rebinding).
+        "api": {"enabled": True, "host": "0.0.0.0", "port": API_PORT,
+                "allowed_hosts": ["homeassistant", "homeassistant.local", "*.local"]},
     }
     if device_id := _text(options, "device_id"):
         cfg["device_id"] = device_id

@@ -18,6 +18,15 @@ with open(os.environ["VOICE_AGENT_MODELS_MANIFEST"]) as f:
     print(" ".join(yaml.safe_load(f).get("defaults") or []))')
 fi
 mkdir -p "$cache" "$dest"
+# MODEL_SOURCES (build.sh mounts it): source files to take instead of downloading them. A
+# model whose files are not there is installed the usual way below.
+if [ -n "${MODEL_SOURCES:-}" ] && [ -d "$MODEL_SOURCES" ]; then
+  for id in "$@"; do
+    "$va" models path --models-dir "$cache" "$id" >/dev/null 2>&1 && continue
+    "$va" models install --models-dir "$cache" --quiet --from "$MODEL_SOURCES" "$id" ||
+      echo "$id: not in $MODEL_SOURCES (installed the usual way below)"
+  done
+fi
 "$va" models install --models-dir "$cache" --quiet "$@"
 for id in "$@"; do
   src=$("$va" models path --models-dir "$cache" "$id")

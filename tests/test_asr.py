@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -171,11 +170,9 @@ def test_multilingual_model_writes_chinese() -> None:
         pytest.skip(f"whisper-base-int8 not installed ({e.message})")
     engine = make_engine(SherpaOfflineAsrConfig(model="whisper-base-int8", language="zh"))
     clips = sorted((ASR_EN.parent / "zh-en-clips").glob("*.wav"))
-    t0 = time.monotonic()
     texts = [engine.transcribe(_load16k(p)).text for p in clips]
     han = sum(any("\u4e00" <= ch <= "\u9fff" for ch in t) for t in texts)
     assert han >= len(clips) - 1, texts
-    assert time.monotonic() - t0 < 120
 
 
 def _load16k(p: Path) -> np.ndarray:

@@ -271,7 +271,7 @@ def api_daemon(emotion_models: list[str] | None = None, **env: str) -> Daemon:
     cfg = cfg_of(emotion_models, VOICE_AGENT__API__ENABLED="true", VOICE_AGENT__API__PORT="0",
                  **env)
     d = Daemon(cfg, analysers=[], source=SilentSource(30))
-    d.app.analysers = build_analysers(cfg, d.app.runner, d.app.report)
+    d.app.analysers = build_analysers(cfg, d.app.runner, lambda _name, e: d.app.report(e))
     d.ready.set()
     return d
 
@@ -468,7 +468,7 @@ async def test_no_emotion_model_is_a_clear_503_and_bad_config_is_reported(
             (503, "emotion_unavailable")
     errors: list[AgentError] = []
     bad = cfg_of(["whisper-tiny.en-int8"])
-    assert "emotion" not in build_analysers(bad, d.app.runner, errors.append)
+    assert "emotion" not in build_analysers(bad, d.app.runner, lambda _name, e: errors.append(e))
     [wrong] = [e for e in errors if e.code == "wrong_task"]
     assert wrong.stage == "model" and "whisper-tiny.en-int8 is a model for asr" in wrong.message
     with pytest.MonkeyPatch.context() as mp:

@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +24,12 @@ import soundfile as sf
 from agent.audio.mic import MicSource, list_input_devices  # imports sounddevice lazily
 from agent.config import AudioConfig
 from agent.errors import AgentError, AudioSourceError
-from tests.pulse import PulseServer, missing_portaudio, missing_requirements, pulse_server
+from tests.conftest import ASR_EN, REPO
+from tests.pulse import PulseServer, missing_portaudio, missing_requirements
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-WAV = SHARED / "data" / "asr-en" / "sense_and_sensibility_01_austen_64kb-0880.wav"
+WAV = ASR_EN / "sense_and_sensibility_01_austen_64kb-0880.wav"
 MIN_CORRELATION = 0.99
 PAD = 64  # samples of zeros around the capture, so the fractional shift never wraps audio
-
-
-@pytest.fixture(scope="session")
-def pulse() -> Iterator[PulseServer]:
-    """One private PulseAudio for the whole session (PortAudio must see it before use)."""
-    reason = missing_requirements()
-    if reason:
-        pytest.skip(reason)
-    with pulse_server(rate=48000) as srv:
-        yield srv
 
 
 def need_wav() -> None:
@@ -96,26 +84,34 @@ def test_align_finds_fractional_delay() -> None:
 async def capture_while_playing(srv: PulseServer, cfg: AudioConfig, wav: Path,
                                 tail_s: float = 1.0,
                                 ) -> tuple[np.ndarray, MicSource, list[AgentError]]:
-    """Start MicSource, play `wav` into the null sink once audio flows, stop `tail_s` later."""
+    """Start MicSource, play `wav` into the null sink once audio flows, and stop once the
+    capture holds everything since playback began plus `tail_s` of what followed."""
     errors: list[AgentError] = []
     src = MicSource(cfg, on_error=errors.append)
     chunks: list[np.ndarray] = []
-    first = asyncio.Event()
+    captured = 0
+    want: int | None = None  # samples to capture before stopping, once playback started
+    first, enough = asyncio.Event(), asyncio.Event()
 
     async def collect() -> None:
+        nonlocal captured
         async for chunk in src.chunks():
             chunks.append(chunk)
+            captured += len(chunk)
             first.set()
+            if want is not None and captured >= want:
+                enough.set()
 
     task = asyncio.create_task(collect())
     try:
         await asyncio.wait_for(first.wait(), timeout=10)
+        want = captured + sf.info(str(wav)).frames + int(tail_s * 16000)
         play = await asyncio.create_subprocess_exec(
             *srv.paplay_cmd(wav), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         out, _ = await asyncio.wait_for(play.communicate(), timeout=30)
         assert play.returncode == 0, f"paplay failed: {out.decode(errors='replace')}"
-        await asyncio.sleep(tail_s)
+        await asyncio.wait_for(enough.wait(), timeout=10)
     finally:
         src.stop()
         await asyncio.wait_for(task, timeout=10)

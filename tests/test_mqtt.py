@@ -35,8 +35,7 @@ from agent.events import (
     parse_event,
 )
 from agent.mqtt.client import Backoff
-from agent.mqtt.commands import CommandRouter, parse_payload
-from agent.mqtt.discovery import discovery_messages
+from agent.mqtt.commands import CommandRouter
 from agent.mqtt.outbox import Outbox
 from agent.mqtt.service import MqttService, outbox_path
 from agent.mqtt.topics import RANK_EVENT, RANK_FINAL, RANK_PARTIAL, Topics, event_qos, event_rank
@@ -193,45 +192,13 @@ async def test_router_runs_gate_commands_and_refuses_clearly() -> None:
     assert not bad.ok and bad.error and bad.error.code == "bad_payload"
     assert "extra: unknown field" in bad.error.message
     assert gate.state == "open"  # a malformed command changes nothing
-    unknown = await router.handle("say", b"{}")
+    unknown = await router.handle("no/such/command", b"{}")
     assert unknown.error and unknown.error.code == "unknown_command"
     assert "ptt/start" in unknown.error.message
     assert (await router.handle("ptt/stop", b"")).ok and gate.state == "closed"
     vad = CommandRouter(_app("vad").commands)
     wrong = await vad.handle("ptt/start", b"")
     assert wrong.error and wrong.error.code == "wrong_mode"
-
-
-def test_discovery_follows_home_assistant_conventions() -> None:
-    jinja2 = pytest.importorskip("jinja2")
-    msgs = discovery_messages(T, DEVICE)
-    topics = [t for t, _ in msgs]
-    assert topics == [f"homeassistant/sensor/{DEVICE}/{o}/config" for o in
-                      ("last_transcript", "last_speaker", "last_emotion", "gate_state")] + \
-        [f"homeassistant/button/{DEVICE}/push_to_talk/config"]
-    payloads = [json.loads(p) for _, p in msgs]
-    assert len({p["unique_id"] for p in payloads}) == len(payloads)
-    for p in payloads:
-        assert p["availability_topic"] == T.status
-        assert (p["payload_available"], p["payload_not_available"]) == ("online", "offline")
-        assert p["device"]["identifiers"] == [f"voice-agent-{DEVICE}"]
-    button = payloads[-1]
-    assert button["command_topic"] == T.command("ptt/toggle")
-    assert parse_payload(button["payload_press"].encode()) == ({}, None)  # a valid command
-    # The templates render what HA would show, from a real state payload.
-    env = jinja2.Environment()
-    state = {"gate": {"state": "open"}, "last_final": {"text": "x" * 300, "utterance_id": "u"},
-             "last_speaker": {"name": "alice"}}
-    shown = {p["unique_id"].rsplit("-", 1)[1]:
-             env.from_string(p["value_template"]).render(value_json=state)
-             for p in payloads[:-1]}
-    assert shown == {"last_transcript": "x" * 255, "last_speaker": "alice",
-                     "last_emotion": "None", "gate_state": "open"}
-    env.filters["tojson"] = json.dumps
-    attrs = env.from_string(payloads[0]["json_attributes_template"])
-    assert json.loads(attrs.render(value_json=state))["utterance_id"] == "u"
-    assert env.from_string(payloads[0]["value_template"]).render(
-        value_json={"last_final": None}) == "None"  # HA shows `unknown`
 
 
 def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
@@ -269,6 +236,7 @@ def mqtt_env(port: int, state_dir: Path, **extra: str) -> dict[str, str]:
     return {
         "VOICE_AGENT__DEVICE_ID": DEVICE, "VOICE_AGENT__STATE_DIR": str(state_dir),
         "VOICE_AGENT__ASR__ENABLED": "false", "VOICE_AGENT__MQTT__ENABLED": "true",
+        "VOICE_AGENT__API__ENABLED": "false",
         "VOICE_AGENT__MQTT__HOST": "127.0.0.1", "VOICE_AGENT__MQTT__PORT": str(port),
         "VOICE_AGENT__MQTT__RECONNECT_INITIAL_S": "0.1",
         "VOICE_AGENT__MQTT__RECONNECT_MAX_S": "1.0", **extra,
@@ -383,7 +351,7 @@ async def test_password_accepted_and_rejected(tmp_path: Path,
             async with running(ok_env):
                 await sub.wait_for(lambda: [m.payload for m in sub.on(T.status)] == [b"online"])
             # Client id, keepalive and user as the broker saw them.
-            assert f"as voice-agent-{DEVICE} (p2, c1, k30, u'agent')" in b.tail(200)
+            assert f"as voice-agent-{DEVICE} (p5, c1, k30, u'agent')" in b.tail(200)
             bad_env = {**ok_env, "VOICE_AGENT__MQTT__PASSWORD": "wrong-pw",
                        "VOICE_AGENT__MQTT__SHUTDOWN_FLUSH_S": "0.5"}
             async with running(bad_env, connect=False) as d:
@@ -444,23 +412,6 @@ async def test_malformed_commands_get_error_replies_and_change_nothing(
 
 
 @need_broker
-async def test_home_assistant_discovery(broker: Mosquitto, tmp_path: Path) -> None:
-    async with running(mqtt_env(broker.port, tmp_path)):
-        async with Subscriber(broker.port, ["homeassistant/#"]) as ha:
-            configs = await ha.wait_for(lambda: len(ha.messages) >= 5 and ha.messages)
-            assert all(m.retain for m in configs)
-            assert {m.topic for m in configs} == {t for t, _ in discovery_messages(T, DEVICE)}
-            # Home Assistant restarted (its birth message): the configs come again.
-            await ha.publish("homeassistant/status", "online")
-            await ha.wait_for(lambda: len(ha.messages) >= 11)
-    async with running(mqtt_env(broker.port, tmp_path, VOICE_AGENT__DEVICE_ID="other",
-                                VOICE_AGENT__MQTT__DISCOVERY="false")):
-        async with Subscriber(broker.port, ["homeassistant/+/other/#"]) as none:
-            await asyncio.sleep(0.3)
-            assert none.messages == []
-
-
-@need_broker
 async def test_tls_with_ca_file_and_client_certificate(tmp_path: Path) -> None:
     other = TlsFiles.make(tmp_path, name="other-ca")
     with Mosquitto(tls=True, require_certificate=True) as b:
@@ -518,6 +469,50 @@ async def test_outbox_survives_outage_and_daemon_restart(
         assert journal.read_text() == ""
     finally:
         b.close()
+
+
+def _final(d: Daemon, n: int) -> AsrFinal:
+    return d.pub.emit(AsrFinal, utterance_id=f"in-flight-{n}", text=f"final {n}",
+                      language="en", model="m", audio_s=1, decode_ms=1, eos_to_final_ms=1,
+                      partials=0)
+
+
+@need_broker
+async def test_finals_in_flight_when_the_broker_dies_arrive_exactly_once(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    """Finals handed to a frozen broker (sent, never acknowledged) are sent again after it is
+    killed and restarted; finals made during the outage follow; each arrives once."""
+    env = mqtt_env(broker.port, tmp_path, VOICE_AGENT__MQTT__RECONNECT_MAX_S="0.5")
+    topic = T.event("asr.final")
+    async with Subscriber(broker.port, [topic], client_id="in-flight", persistent=True) as sub:
+        async with running(env) as d:
+            svc = mqtt_service(d)
+            await asyncio.wait_for(svc.outbox.wait_empty(), 10)
+            assert broker.proc is not None
+            broker.proc.send_signal(signal.SIGSTOP)
+            try:
+                frozen = [_final(d, i) for i in range(5)]
+                # Every one of them handed to the connection, none acknowledged.
+                await asyncio.wait_for(_until(lambda: not svc.outbox._unsent), 5)
+                assert len(svc.outbox) == len(frozen)
+                published = svc.stats.published
+                await asyncio.sleep(0.2)  # a frozen broker acknowledges nothing, ever
+                assert svc.stats.published == published and len(svc.outbox) == len(frozen)
+            finally:
+                await asyncio.to_thread(broker.kill)  # SIGKILL works on a stopped process
+            await asyncio.wait_for(_until(lambda: not svc.connected.is_set()), 10)
+            during = [_final(d, i) for i in range(5, 8)]  # while the broker is down
+            assert not svc.connected.is_set()
+            await asyncio.to_thread(broker.start)
+            want = {e.utterance_id for e in frozen + during}
+            await sub.wait_for(lambda: {parse_event(m.payload).utterance_id
+                                        for m in sub.on(topic)} >= want, within=20)
+            await asyncio.wait_for(svc.outbox.wait_empty(), 10)
+    got = Counter(parse_event(m.payload).utterance_id for m in sub.on(topic))
+    assert got == Counter(want), got  # every final once: none lost, none twice
+    assert [parse_event(m.payload) for m in sub.on(topic)] == frozen + during  # in order
+    # At the reconnect the outbox held them all, and the outage's own error event.
+    assert svc.stats.connects == 2 and svc.stats.backlog[1] == len(want) + 1
 
 
 @need_broker
@@ -602,14 +597,14 @@ async def test_broker_restarts_lose_no_final(broker: Mosquitto, tmp_path: Path, 
                           persistent=True) as sub:
         run = asyncio.create_task(d.run())
         await asyncio.wait_for(svc.connected.wait(), 30)
-        t0 = time.monotonic()
         for _ in range(RESTARTS):
             await asyncio.sleep(rng.uniform(2.8, 3.4))
             await asyncio.to_thread(broker.kill)
             killed = time.monotonic()
             await asyncio.sleep(rng.uniform(0.3, 1.0))
             outages.append((killed, await asyncio.to_thread(broker.start)))
-        restarts_done = time.monotonic() - t0
+        # The restarts happened while the recording played (the daemon was still at it).
+        assert not run.done()
         assert await run == 0
         sent = [e async for e in mine]
         finals = [e for e in sent if isinstance(e, AsrFinal)]
@@ -617,7 +612,6 @@ async def test_broker_restarts_lose_no_final(broker: Mosquitto, tmp_path: Path, 
         want = {e.utterance_id for e in finals}
         await sub.wait_for(lambda: {e.utterance_id for e in _received(sub, "asr.final")} >= want,
                            within=15)
-    assert restarts_done < len(spans) * 4.6  # the restarts happened during the recording
     assert len(finals) == len(ended) == len(spans) == 10
     got_finals = Counter(e.utterance_id for e in _received(sub, "asr.final"))
     got_ended = Counter(e.utterance_id for e in _received(sub, "utterance.ended"))
@@ -636,7 +630,7 @@ async def test_broker_restarts_lose_no_final(broker: Mosquitto, tmp_path: Path, 
     in_outage = sum(any(k < f.mono < svc_back for k, svc_back in
                         ((k, min(t for t in svc.stats.connected_at if t > k)) for k, _ in outages))
                     for f in finals)
-    assert max(reconnect) < 1.0 + 0.5, reconnect
+    # How fast it came back is measured by bench/mqtt_reconnect.py, not asserted here.
     dup_f = sum(got_finals.values()) - len(got_finals)
     dup_e = sum(got_ended.values()) - len(got_ended)
     print(f"\nbroker restarts: {RESTARTS}; finals {len(got_finals)}/{len(finals)} "

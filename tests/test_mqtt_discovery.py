@@ -309,8 +309,17 @@ async def test_daemon_publishes_the_device_and_the_switch_works(broker: Mosquitt
     task = asyncio.create_task(d.run())
     try:
         await asyncio.wait_for(svc.connected.wait(), 10)
-        configs = await retained(broker.port)
-        payload = json.loads(configs[device_topic("homeassistant", DEVICE)])
+        # The entities follow the loaded models: once they are, the config is published again
+        # if it changed (a speaker or emotion model adds a sensor).
+        await asyncio.wait_for(d.app.ready.wait(), 60)
+        wanted = set(svc.discovery.wanted())
+        for _ in range(100):
+            configs = await retained(broker.port)
+            payload = json.loads(configs[device_topic("homeassistant", DEVICE)])
+            if set(payload["cmps"]) == wanted:
+                break
+            await asyncio.sleep(0.1)
+        assert set(payload["cmps"]) == wanted
         check_device(payload)
         sw = payload["cmps"]["listening"]
         # Home Assistant restarted (its birth message): the device config comes again.

@@ -14,20 +14,34 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from agent.analysis import Analyser, Utterance
 from agent.audio.base import AudioSource
 from agent.audio.file import FileSource
 from agent.bus import Publisher
-from agent.config import load_config
+from agent.config import WebrtcVadConfig, load_config
 from agent.daemon import Daemon
 from agent.events import BaseEvent, UtteranceEnded
+from agent.vad.base import Vad
+from agent.vad.factory import make_vad
+from agent.vad.segmenter import Segmenter, SegmenterParams
 
-from .conftest import REPO
+from .conftest import ASR_EN, GAP_S, REPO, Joined, asr_en_rows
 
-TOLERANCE_S = 0.25
 NO_ASR = {"VOICE_AGENT__ASR__ENABLED": "false"}  # for tests about audio and VAD alone
 Spans = list[tuple[float, float]]
+# Labels (tests/joined.py) are 10 ms frames; VAD frames are 30/32 ms: what one frame of
+# quantisation on each side allows.
+TOL_S = 0.03
+# Measured lateness of the real VADs on this recording (tests/joined.py labels; errors are
+# printed by check_boundaries). Starts: webrtc is within TOL_S; Silero reacts late on soft
+# onsets ("and", "four": its probability stays under 0.5 for up to 5 frames). Ends: both
+# VADs hold speech for a hangover after the energy falls (webrtc's GMM overhang, Silero's
+# hysteresis), up to ~0.33 s on "five five" (its tail decays slowly). A VAD that is early,
+# or that clips speech, is held to TOL_S.
+LATE_START_S = {"webrtc": TOL_S, "silero": 0.2}
+LATE_END_S = {"webrtc": 0.4, "silero": 0.3}
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, stdin: bytes | None = None,
@@ -39,40 +53,111 @@ def run_cli(*args: str, env: dict[str, str] | None = None, stdin: bytes | None =
     return p.returncode, events, p.stderr.decode()
 
 
-def check_boundaries(events: list[dict], spans: Spans) -> None:
+def rolls(backend: str) -> tuple[float, float]:
+    """The pre- and post-roll the segmenter really applies (whole VAD frames), seconds."""
+    cfg = load_config(None, env={"VOICE_AGENT__VAD__BACKEND": backend})
+    frame_ms = 30.0 if backend == "webrtc" else 32.0
+    seg = Segmenter(SegmenterParams.from_config(cfg.segmenter, frame_ms))
+    return seg.pre_roll * frame_ms / 1000, seg.post_roll * frame_ms / 1000
+
+
+def boundaries(events: list[dict]) -> Spans:
+    """(audio_start_s, audio_end_s) of every utterance.ended."""
+    return [(e["audio_start_s"], e["audio_end_s"]) for e in events
+            if e["type"] == "utterance.ended"]
+
+
+def check_boundaries(got: Spans, spans: Spans, backend: str) -> None:
+    """One utterance per labelled span; start = onset - pre-roll, end = offset + post-roll."""
+    assert len(got) == len(spans), got
+    pre, post = rolls(backend)
+    errors = [(round(s - (on - pre), 3), round(e - (off + post), 3))
+              for (s, e), (on, off) in zip(got, spans, strict=True)]
+    print(f"{backend}: start/end errors (s) against the labels: {errors}")
+    for (ds, de), span in zip(errors, spans, strict=True):
+        assert -TOL_S <= ds <= LATE_START_S[backend], (span, ds, errors)
+        assert -TOL_S <= de <= LATE_END_S[backend], (span, de, errors)
+
+
+def check_events(events: list[dict]) -> None:
+    """Starts pair with ends, ids unique."""
     utts = [e for e in events if e["type"] == "utterance.ended"]
-    got = [(round(e["audio_start_s"], 3), round(e["audio_end_s"], 3)) for e in utts]
-    assert len(utts) == len(spans), got
-    for (s, e), (ts, te) in zip(got, spans, strict=True):
-        assert abs(s - ts) <= TOLERANCE_S, (s, ts, got)
-        assert abs(e - te) <= TOLERANCE_S, (e, te, got)
     starts = [e for e in events if e["type"] == "utterance.started"]
     assert [e["utterance_id"] for e in starts] == [e["utterance_id"] for e in utts]
     assert len({e["utterance_id"] for e in utts}) == len(utts)
 
 
 @pytest.mark.parametrize("backend", ["webrtc", "silero"])
-def test_vad_mode_finds_each_utterance(backend: str, joined_recording: tuple[Path, Spans]
-                                       ) -> None:
-    path, spans = joined_recording
-    rc, events, err = run_cli("run", "--source", f"file:{path}", "--mode", "vad",
+def test_vad_mode_finds_each_utterance(backend: str, joined: Joined) -> None:
+    rc, events, err = run_cli("run", "--source", f"file:{joined.path}", "--mode", "vad",
                               "--events", "-", env={"VOICE_AGENT__VAD__BACKEND": backend, **NO_ASR})
     assert rc == 0, err
-    check_boundaries(events, spans)
+    check_boundaries(boundaries(events), list(joined_spans(joined)), backend)
+    check_events(events)
     assert all(e["device_id"] for e in events)
     speech = [e["type"] for e in events if e["type"].startswith("speech.")]
     assert speech == ["speech.started", "speech.ended"] * 10
 
 
-def test_stdin_source(joined_recording: tuple[Path, Spans]) -> None:
-    import soundfile as sf
+def joined_spans(joined: Joined) -> Spans:
+    return [(s.onset, s.offset) for s in joined.spans]
 
-    path, spans = joined_recording
-    pcm, _ = sf.read(path, dtype="int16")
+
+class NonZeroVad(Vad):
+    """The broken VAD the fixture must expose: any non-zero sample is speech."""
+
+    name = "webrtc"  # judged by the webrtc rules: same 30 ms frames
+    frame_samples = 480
+
+    def is_speech(self, frame: np.ndarray) -> bool:
+        return bool(np.any(frame))
+
+
+def segment(path: Path, vad: Vad) -> Spans:
+    """The segmenter's utterances over a file, with the daemon's segmenter settings."""
+    x, _ = sf.read(path, dtype="int16")
+    cfg = load_config(None, env={})
+    frame_ms = 1000 * vad.frame_samples / 16000
+    seg = Segmenter(SegmenterParams.from_config(cfg.segmenter, frame_ms))
+    n = vad.frame_samples
+    frames = [x[i * n:(i + 1) * n] for i in range(len(x) // n)]
+    events = [ev for f in frames for ev in seg.feed(vad.is_speech(f))]
+    events += seg.flush("end_of_stream")
+    starts = [e.frame for e in events if e.kind == "utterance_start"]
+    ends = [e.frame for e in events if e.kind == "utterance_end"]
+    return [(a * frame_ms / 1000, b * frame_ms / 1000) for a, b in zip(starts, ends, strict=True)]
+
+
+def test_the_recording_tells_a_real_vad_from_a_fake(joined: Joined) -> None:
+    spans = joined_spans(joined)
+    # The real webrtc VAD, in process, passes the same check as through the daemon ...
+    check_boundaries(segment(joined.path, make_vad(WebrtcVadConfig())), spans, "webrtc")
+    # ... a VAD that calls any non-zero sample speech does not: the gaps hold room tone.
+    with pytest.raises(AssertionError):
+        check_boundaries(segment(joined.path, NonZeroVad()), spans, "webrtc")
+    # Nor do the file edges: the labels are where each clip's speech is.
+    edges, at = [], 0.0
+    for row in asr_en_rows():
+        dur = sf.info(ASR_EN / row["file"]).duration
+        edges.append((at, at + dur))
+        at += dur + GAP_S
+    pre, post = rolls("webrtc")
+    with pytest.raises(AssertionError):
+        check_boundaries([(a - pre, b + post) for a, b in edges], spans, "webrtc")
+    # The room tone is a realistic level, and the gaps are not digital silence.
+    x, _ = sf.read(joined.path, dtype="float64")
+    gap = x[int((spans[0][1] + 0.5) * 16000):int((spans[1][0] - 0.5) * 16000)]
+    assert -60 < 20 * np.log10(np.sqrt(np.mean(gap ** 2))) < -40
+    assert -60 < joined.tone_dbfs < -40 and np.count_nonzero(gap) > 0.9 * len(gap)
+
+
+def test_stdin_source(joined: Joined) -> None:
+    pcm, _ = sf.read(joined.path, dtype="int16")
     rc, events, err = run_cli("run", "--source", "stdin", "--mode", "vad", "--events", "-",
                               stdin=pcm.tobytes(), env=NO_ASR)
     assert rc == 0, err
-    check_boundaries(events, spans)
+    check_boundaries(boundaries(events), joined_spans(joined), "webrtc")
+    check_events(events)
 
 
 class ScriptedSource(AudioSource):
@@ -95,15 +180,22 @@ class ScriptedSource(AudioSource):
 
 
 class Recorder(Analyser):
-    """Collects each utterance's audio; optionally slow or failing."""
+    """Collects each utterance's audio; optionally failing, or held until `hold` is set.
 
-    def __init__(self, name: str, delay: float = 0.0, fail: bool = False) -> None:
+    `all_done` is set once `expect` utterances were recorded.
+    """
+
+    def __init__(self, name: str, fail: bool = False, hold: asyncio.Event | None = None,
+                 all_done: asyncio.Event | None = None, expect: int = 0) -> None:
         self.name = name
-        self.delay = delay
         self.fail = fail
+        self.hold = hold
+        self.all_done = all_done
+        self.expect = expect
         self.audio: dict[str, int] = {}
-        self.done: dict[str, float] = {}
         self.aborted: list[str] = []
+        self.held = 0
+        self.max_held = 0
 
     async def analyse(self, utt: Utterance, audio: AsyncIterator[np.ndarray],
                       pub: Publisher) -> None:
@@ -116,9 +208,17 @@ class Recorder(Analyser):
             return
         if self.fail:
             raise RuntimeError("analyser exploded on purpose")
-        await asyncio.sleep(self.delay)
+        if self.hold is not None:
+            self.held += 1
+            self.max_held = max(self.max_held, self.held)
+            try:
+                # Bounded: an analyser that held up the others would deadlock the daemon.
+                await asyncio.wait_for(self.hold.wait(), 30)
+            finally:
+                self.held -= 1
         self.audio[utt.id] = n
-        self.done[utt.id] = time.monotonic()
+        if self.all_done is not None and len(self.audio) == self.expect:
+            self.all_done.set()
 
 
 async def run_daemon(mode: str, source: AudioSource, analysers: list[Analyser] | None = None,
@@ -146,7 +246,8 @@ async def test_ptt_utterances_only_inside_windows(joined_recording: tuple[Path, 
     # Inside (8, 19): utterances 2 and 3 whole; (27, 29) and (41, 41.9) cut by the stop.
     assert len(ended) == 4
     assert [e.reason for e in ended] == ["silence", "silence", "ptt_stop", "ptt_stop"]
-    assert abs(ended[0].audio_start_s - spans[1][0]) <= TOLERANCE_S
+    pre, _ = rolls("webrtc")
+    assert -TOL_S <= ended[0].audio_start_s - (spans[1][0] - pre) <= LATE_START_S["webrtc"]
     assert abs(ended[2].audio_end_s - 29.0) <= chunk + 0.001
     states = [(e.state, e.reason) for e in events if e.type == "state.changed"]  # type: ignore[attr-defined]
     assert states == [("open", "command"), ("closed", "command")] * 3
@@ -168,9 +269,11 @@ async def test_ptt_reset_abandons_utterance(joined_recording: tuple[Path, Spans]
 
 async def test_analysers_run_in_parallel_and_fail_alone(joined_recording: tuple[Path, Spans]
                                                         ) -> None:
-    path, _ = joined_recording
-    fast, slow, broken = Recorder("fast"), Recorder("slow", delay=1.0), Recorder("bad", fail=True)
-    t0 = time.monotonic()
+    path, spans = joined_recording
+    fast_done = asyncio.Event()
+    fast = Recorder("fast", all_done=fast_done, expect=len(spans))
+    # The slow analyser finishes nothing until the fast one has done every utterance.
+    slow, broken = Recorder("slow", hold=fast_done), Recorder("bad", fail=True)
     _, events, rc = await run_daemon("vad", FileSource(path, 30), [fast, slow, broken])
     assert rc == 0
     ended = [e for e in events if isinstance(e, UtteranceEnded)]
@@ -178,11 +281,11 @@ async def test_analysers_run_in_parallel_and_fail_alone(joined_recording: tuple[
     # Every analyser saw exactly the utterance's audio.
     for e in ended:
         want = round((e.audio_end_s - e.audio_start_s) * 16000)
-        assert fast.audio[e.utterance_id] == want
-        assert slow.audio[e.utterance_id] == want
-    # The slow analyser held up nobody: all ten ran concurrently, not one after another.
-    assert max(slow.done.values()) - t0 < 10 * 1.0
-    assert max(fast.done.values()) < min(slow.done.values())
+        assert fast.audio[str(e.utterance_id)] == want
+        assert slow.audio[str(e.utterance_id)] == want
+    # The slow analyser held up nobody: its analyses of (nearly) every utterance waited at
+    # once while the fast one went through all ten.
+    assert slow.max_held >= len(ended) - 1, slow.max_held
     errors = [e for e in events if e.type == "error"]
     assert len(errors) == 10 and all(e.stage == "bad" for e in errors)  # type: ignore[attr-defined]
 
@@ -208,7 +311,7 @@ def test_unknown_mic_keeps_daemon_alive_and_retrying() -> None:
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
     try:
         assert p.stdout is not None
-        errors = []
+        errors: list[dict[str, str]] = []
         deadline = time.monotonic() + 30
         while len(errors) < 3 and time.monotonic() < deadline:
             line = p.stdout.readline()
@@ -227,27 +330,3 @@ def test_unknown_mic_keeps_daemon_alive_and_retrying() -> None:
     finally:
         if p.poll() is None:
             p.kill()
-
-
-def test_sigterm_finishes_current_utterance(joined_recording: tuple[Path, Spans]) -> None:
-    path, spans = joined_recording
-    p = subprocess.Popen([sys.executable, "-m", "agent", "run", "--source", f"file:{path}",
-                          "--realtime", "--mode", "vad", "--events", "-"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env={**os.environ, **NO_ASR}, cwd=REPO)
-    try:
-        assert p.stdout is not None
-        # Wait for the first utterance to start (the first clip starts at 0 s), then stop.
-        for line in p.stdout:
-            if json.loads(line)["type"] == "utterance.started":
-                break
-        time.sleep(1.0)
-        p.send_signal(signal.SIGTERM)
-        rest = [json.loads(line) for line in p.stdout]
-        assert p.wait(timeout=15) == 0
-    finally:
-        if p.poll() is None:
-            p.kill()
-    ended = [e for e in rest if e["type"] == "utterance.ended"]
-    assert [e["reason"] for e in ended] == ["shutdown"]
-    assert 0.5 < ended[0]["audio_end_s"] < spans[0][1]

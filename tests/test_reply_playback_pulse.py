@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from agent.app.reply import ECHO_TAIL_S
+from agent.config import ReplyConfig
 from tests.conftest import ASR_EN, need_shared
 from tests.dashscope_fake import FakeDashscope, LlmScript, TtsScript, until
 from tests.pulse import PulseServer
@@ -84,7 +84,8 @@ async def test_the_daemon_does_not_hear_itself_in_half_duplex(pulse: PulseServer
         before = len(run.of("utterance.started"))
         t0 = time.monotonic()
         res = await run.post("/api/say", {"text": SENTENCE, "local": True})
-        await asyncio.sleep(ECHO_TAIL_S + 1.0)  # an echo would have become an utterance now
+        # an echo would have become an utterance by now
+        await asyncio.sleep(ReplyConfig().echo_tail_ms / 1000 + 1.0)
         heard = [e for e in run.of("speech.started") if e.mono >= t0]
         echo = len(run.of("utterance.started")) - before
         print(f"{duplex} duplex: reply {res['audio_s']} s ({res['outcome']}), "

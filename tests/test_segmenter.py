@@ -113,3 +113,75 @@ def test_post_roll_never_exceeds_min_silence() -> None:
     seg = Segmenter(params(min_silence_ms=100, post_roll_ms=500))
     ev = run(seg, [(True, 300), (False, 200)])
     assert kinds(ev)[-1] == ("utterance_end", 40)
+
+
+def test_params_from_config_map_every_field() -> None:
+    from agent.config import SegmenterConfig
+
+    cfg = SegmenterConfig(min_speech_ms=90, min_silence_ms=450, max_utterance_s=7.5,
+                          pre_roll_ms=60, post_roll_ms=30)
+    p = SegmenterParams.from_config(cfg, 30.0)
+    assert p == SegmenterParams(frame_ms=30.0, min_speech_ms=90, min_silence_ms=450,
+                                max_utterance_ms=7500, pre_roll_ms=60, post_roll_ms=30)
+    seg = Segmenter(p)
+    assert seg.p is p  # kept: the pipeline re-derives frame timing from it on reload
+    assert (seg.min_speech, seg.min_silence, seg.max_frames, seg.pre_roll, seg.post_roll) == \
+        (3, 15, 250, 2, 1)
+
+
+def test_exactly_min_speech_starts_one_frame_less_does_not() -> None:
+    # From the very first frame: no speech may be counted before any was fed.
+    seg = Segmenter(params())
+    assert run(seg, [(True, 90), (False, 10)]) == []
+    ev = run(seg, [(True, 100)])
+    assert kinds(ev) == [("speech_start", 10), ("utterance_start", 5)]
+
+
+def test_a_blip_of_min_speech_then_silence_ends_min_silence_later() -> None:
+    seg = Segmenter(params())
+    ev = run(seg, [(True, 100), (False, 300)])
+    assert kinds(ev) == [("speech_start", 0), ("utterance_start", 0),
+                         ("speech_end", 10), ("utterance_end", 14)]
+    assert ev[-1].reason == "silence"
+
+
+def test_the_next_utterance_needs_min_speech_again() -> None:
+    seg = Segmenter(params())
+    run(seg, [(True, 200), (False, 300)])  # one utterance, ended by silence at frame 50
+    assert run(seg, [(True, 90), (False, 10)]) == []
+    ev = run(seg, [(True, 100)])
+    assert [e.kind for e in ev] == ["speech_start", "utterance_start"]
+    assert ev[0].frame == 60
+
+
+def test_zero_durations_mean_one_frame() -> None:
+    seg = Segmenter(params(min_speech_ms=0, min_silence_ms=0, pre_roll_ms=0, post_roll_ms=0))
+    ev = run(seg, [(False, 10), (True, 10), (False, 10)])
+    assert kinds(ev) == [("speech_start", 1), ("utterance_start", 1),
+                         ("speech_end", 2), ("utterance_end", 2)]
+
+
+def test_max_length_shorter_than_the_start_keeps_every_boundary() -> None:
+    # Pre-roll plus min speech already exceed the maximum: the utterance is cut at once,
+    # and its start is still reported.
+    seg = Segmenter(params(max_utterance_ms=20, pre_roll_ms=50))
+    ev = run(seg, [(False, 100), (True, 100)])
+    assert kinds(ev)[:4] == [("speech_start", 10), ("utterance_start", 5),
+                             ("utterance_end", 20), ("utterance_start", 20)]
+    assert seg.max_frames == 2
+
+
+def test_after_a_flush_the_stream_goes_on() -> None:
+    # A reset in vad mode flushes mid-speech and feeding continues (no open_at): speech
+    # counted before the flush does not count towards the next utterance.
+    seg = Segmenter(params())
+    run(seg, [(True, 200)])
+    seg.flush("reset")
+    run(seg, [(False, 10)])
+    assert run(seg, [(True, 90), (False, 10)]) == []
+    ev = run(seg, [(True, 100)])
+    assert kinds(ev)[0] == ("speech_start", 31)
+    seg2 = Segmenter(params())
+    run(seg2, [(True, 50)])  # shorter than min speech: not an utterance yet
+    assert seg2.flush("ptt_stop") == []
+    assert kinds(run(seg2, [(True, 100)]))[0] == ("speech_start", 5)

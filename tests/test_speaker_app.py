@@ -335,6 +335,8 @@ async def test_each_utterance_gets_its_speaker(app: App) -> None:
     assert not e_bea.is_match and e_bea.name == "unknown" and e_bea.speaker_id is None
     assert e_bea.candidates and e_bea.candidates[0]["name"] == "Ann"
     assert e_tiny.name == "unknown" and e_tiny.score == 0.0 and e_tiny.candidates == []
+    # Why nobody was named: said in the event (the terminal hides "no_voiceprints").
+    assert (e_ann.reason, e_bea.reason, e_tiny.reason) == (None, "no_match", "too_short")
     for utt, ev in ((ann, e_ann), (bea, e_bea), (tiny, e_tiny)):
         assert utt.result_event("speaker").is_set() and utt.results["speaker"] == ev
     # Abandoned: nothing published, but whoever waits on it is not left hanging.

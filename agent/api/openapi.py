@@ -16,6 +16,10 @@ from agent.app.status import Health
 from agent.config import ApiConfig
 from agent.events import EVENT_TYPES
 
+#: Path parameters with a known shape (the route matches only those): speaker ids are 32 hex
+#: digits, so /api/speakers/reenrolment is never also a speaker id.
+PATH_PARAMS = {"speaker_id": "[0-9a-f]{32}"}
+
 Json = dict[str, Any]
 
 
@@ -81,7 +85,9 @@ def _command_op(cmd: Command[Any, Any], components: Json) -> tuple[str, str, Jso
     params = re.findall(r"{(\w+)}", cmd.path)
     if params:
         op["parameters"] = [{"name": n, "in": "path", "required": True,
-                             "schema": {"type": "string"}} for n in params]
+                             "schema": {"type": "string", **(
+                                 {"pattern": f"^{PATH_PARAMS[n]}$"} if n in PATH_PARAMS else {})}}
+                            for n in params]
     body = _model_schema(cmd.payload, components)
     if method == "get":
         fields = cmd.payload.model_fields

@@ -19,7 +19,7 @@ from agent.api.auth import QUERY, presented
 from agent.api.context import CTX, ApiContext, call_context
 from agent.api.errors import ApiError
 from agent.api.metrics import STAGES
-from agent.api.openapi import build_spec
+from agent.api.openapi import PATH_PARAMS, build_spec
 from agent.app.commands import Command
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
-    if not raw.strip():
+    if not raw:  # no body: the command's defaults (whitespace alone is not JSON: 400)
         return {}
     if len(raw) > INLINE_JSON_BYTES:
         body = await asyncio.to_thread(jsonsafe.loads, raw, max_bytes=len(raw),
@@ -199,6 +199,14 @@ async def static(request: web.Request) -> web.Response:
                         headers={"Cache-Control": "no-cache"})
 
 
+def _routed(path: str) -> str:
+    """The aiohttp route of a documented path: known parameters get their shape (else an
+    OPTIONS on /api/speakers/reenrolment would advertise the speaker routes' DELETE, PATCH)."""
+    for name, shape in PATH_PARAMS.items():
+        path = path.replace(f"{{{name}}}", f"{{{name}:{shape}}}")
+    return path
+
+
 def setup(app: web.Application, ctx: ApiContext, kiosk_page: bool) -> None:
     """Register the HTTP routes: fixed views, then one route per registry command."""
     r = app.router
@@ -210,7 +218,7 @@ def setup(app: web.Application, ctx: ApiContext, kiosk_page: bool) -> None:
     # /api/speakers/{speaker_id} (aiohttp tries resources in the order they were added).
     for cmd in sorted(ctx.app.commands, key=lambda c: "{" in c.path):
         if "http" in cmd.surfaces:
-            r.add_route(cmd.http.method, cmd.path, command_handler(cmd),
+            r.add_route(cmd.http.method, _routed(cmd.path), command_handler(cmd),
                         name=cmd.name.replace("/", "_"))
     if kiosk_page:
         r.add_get("/", kiosk, name="kiosk")

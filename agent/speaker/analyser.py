@@ -65,7 +65,17 @@ class Identification:
                 "score": round(self.matches[0].score, 4) if self.matches else 0.0,
                 "is_match": best is not None, "model": model_id,
                 "candidates": [m.to_dict() for m in self.matches],
-                "audio_s": round(self.audio_s, 3), "compute_ms": round(self.compute_ms, 1)}
+                "audio_s": round(self.audio_s, 3), "compute_ms": round(self.compute_ms, 1),
+                "reason": self.why_unknown}
+
+    @property
+    def why_unknown(self) -> str | None:
+        """Why nobody was named: too_short, silent, no_voiceprints, no_match (None: named)."""
+        if self.embedding is None:
+            return self.reason
+        if not self.matches:
+            return "no_voiceprints"
+        return None if self.best is not None else "no_match"
 
 
 @dataclass

@@ -7,8 +7,8 @@ streams of `WINDOW_S`; each one's final runs while the next one listens.
 
 Chunks must add up: Wyoming clients append them. A Whisper partial can still change words it
 showed before, so a chunk carries only text two partials in a row agreed on (whole words), and
-the final's remainder when the final extends what was sent; the `transcript` event is the
-authority either way.
+the final's remainder when the final extends what was sent (letter case aside: Whisper may
+capitalise the first word only in the final); the `transcript` event is the authority.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def agreed(previous: str, current: str) -> str:
 
     A partial's last word may be cut off by the end of the audio heard so far ("h-" for
     "hearts"), even when two partials over the same audio agree on it: a word counts only
-    once a space follows it.
+    once a space follows it, and is sent only once another word follows (its punctuation).
     """
     n = 0
     for a, b in zip(previous, current, strict=False):
@@ -56,8 +56,12 @@ def agreed(previous: str, current: str) -> str:
             break
         n += 1
     head = current[:n]
-    if n < len(current) and current[n].isspace():
-        return head.rstrip()
+    if not (n < len(current) and current[n].isspace()):
+        cut = head.rfind(" ")
+        head = head[:cut] if cut >= 0 else ""
+    # The newest agreed word still gets its punctuation from what follows it ("4," became
+    # "4." once "Queen" was heard): it is sent one word later.
+    head = head.rstrip()
     cut = head.rfind(" ")
     return head[:cut].rstrip() if cut >= 0 else ""
 
@@ -211,8 +215,10 @@ class Transcription:
             await self._chunk(commit)
 
     async def _chunk(self, text: str) -> None:
-        """Send what `text` adds to the chunks sent, if it extends them."""
-        if len(text) > len(self._sent) and text.startswith(self._sent):
+        """Send what `text` adds to the chunks sent, if it extends them (up to letter case:
+        a partial's "he was" and the final's "He was an..." agree)."""
+        if len(text) > len(self._sent) and \
+                text[:len(self._sent)].casefold() == self._sent.casefold():
             delta, self._sent = text[len(self._sent):], text
             await self.send(TranscriptChunk(text=delta).event())
 
