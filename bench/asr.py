@@ -8,7 +8,10 @@ Usage: python bench/asr.py [--models whisper-tiny.en-int8,whisper-tiny.en-fp32] 
    real daemon (config defaults plus the model), once in `ptt` mode (start 0.3 s before each
    clip, stop 0.25 s after it) and once in `vad` mode. Each run is its own subprocess
    (`--worker MODEL --mode ptt|vad`), so its CPU use and peak RSS belong to that model alone.
-`--quick` uses 3 clips. The last model of --models (fp32 by default) is the baseline that the
+`--quick` uses 3 clips. `--long`: utterances of 7-12 s instead, consecutive clips joined by
+0.35 s pauses (one utterance: the pause is shorter than the segmenter's min_silence_ms),
+written to bench/results/asr_long.json unless --out says otherwise.
+The last model of --models (fp32 by default) is the baseline that the
 others are compared against, unless --baseline names another.
 `--emotion-compare N`: only the ptt real-time run of the first model, N times each with
 speech emotion off and on (alternating, off first): the ASR final's latency with and without
@@ -63,8 +66,12 @@ NOISY_PCT = 25.0  # other processes using more of a core than this make timings 
 TARGETS = {"wer": 0.10, "ptt_p95_ms": 300.0, "partial_p95_ms": 500.0, "rss_mb": 400.0}
 
 
-def load_clips(quick: bool) -> list[dict[str, Any]]:
-    """Clips in transcripts.tsv order (with --quick: rows 1, 5 and 9, long and short ones)."""
+LONG_PAUSE_S = 0.35  # between the two clips of a --long utterance
+
+
+def load_clips(quick: bool, long: bool = False) -> list[dict[str, Any]]:
+    """Clips in transcripts.tsv order (with --quick: rows 1, 5 and 9, long and short ones;
+    with --long: consecutive pairs joined by a short pause)."""
     tsv = SPEECH / "transcripts.tsv"
     if not tsv.exists():
         raise SystemExit(f"no speech found in {SPEECH}")
@@ -77,7 +84,25 @@ def load_clips(quick: bool) -> list[dict[str, Any]]:
         x, sr = sf.read(SPEECH / row["file"], dtype="float32")
         assert sr == PIPELINE_RATE and x.ndim == 1, row["file"]
         clips.append({"file": row["file"], "ref": row["reference"], "audio": x})
-    return clips
+    return long_utterances(clips) if long else clips
+
+
+def long_utterances(clips: list[dict[str, Any]], min_s: float = 7.0) -> list[dict[str, Any]]:
+    """Consecutive clips joined (0.35 s pauses) until each is >= `min_s`: once in order, once
+    in reverse order, so that every clip is heard in two different utterances."""
+    pause = np.zeros(int(LONG_PAUSE_S * PIPELINE_RATE), np.float32)
+    out: list[dict[str, Any]] = []
+    for order in (clips, clips[::-1]):
+        group: list[dict[str, Any]] = []
+        for c in order:
+            group.append(c)
+            if sum(len(g["audio"]) for g in group) >= min_s * PIPELINE_RATE:
+                out.append({"file": "+".join(g["file"] for g in group),
+                            "ref": " ".join(g["ref"] for g in group),
+                            "audio": np.concatenate([p for g in group
+                                                     for p in (pause, g["audio"])][1:])})
+                group = []
+    return out
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -581,8 +606,11 @@ def main() -> int:
                     help="comma-separated manifest ids (default: %(default)s)")
     ap.add_argument("--baseline", help="model the others are compared with (default: the last)")
     ap.add_argument("--quick", action="store_true", help="3 clips only (smoke run)")
+    ap.add_argument("--long", action="store_true",
+                    help="7-12 s utterances (clips joined by 0.35 s pauses)")
     ap.add_argument("--repeat", type=int, default=3, help="offline decodes per clip")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "asr.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default bench/results/asr.json (asr_long.json with --long)")
     ap.add_argument("--worker", metavar="MODEL", help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=("ptt", "vad"), help=argparse.SUPPRESS)
     ap.add_argument("--stream", type=Path, help=argparse.SUPPRESS)
@@ -593,6 +621,8 @@ def main() -> int:
     ap.add_argument("--speaker-compare", type=int, metavar="N", default=0,
                     help="only: ptt and vad finals with speaker off vs on, N runs each")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = REPO / "bench" / "results" / ("asr_long.json" if args.long else "asr.json")
     if args.worker:
         return worker(args.worker, args.mode, args.stream, args.emotion, args.speaker)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -602,12 +632,19 @@ def main() -> int:
         from bench.asr_speaker import speaker_compare
 
         return speaker_compare(models[0], args)
+    from agent import models as installed
+    from agent.errors import ModelError
+    for m in models:  # fail now, not after minutes of real-time runs
+        try:
+            installed.path(m)
+        except ModelError as e:
+            raise SystemExit(e.message) from None
     base = args.baseline or models[-1]
     if base not in models:
         raise SystemExit(f"--baseline {base} is not among --models")
     t_start = time.monotonic()
     load0 = os.getloadavg()
-    clips = load_clips(args.quick)
+    clips = load_clips(args.quick, args.long)
     speech_s = sum(len(c["audio"]) for c in clips) / PIPELINE_RATE
     results: dict[str, Any] = {m: {} for m in models}
     # Real-time runs first, while this process is small: a child inherits its ru_maxrss.
@@ -650,7 +687,9 @@ def main() -> int:
             "rss": ratio(r["peak_rss_mb"], b["peak_rss_mb"]),
         }
     report = {
-        "bench": "asr", "clips": len(clips), "quick": args.quick, "speech_s": round(speech_s, 2),
+        "bench": "asr", "clips": len(clips), "quick": args.quick, "long": args.long,
+        "utterance_s": [round(len(c["audio"]) / PIPELINE_RATE, 2) for c in clips],
+        "speech_s": round(speech_s, 2),
         "stream_s": meta["audio_s"], "repeat": args.repeat, "models": models, "baseline": base,
         "default_model": DEFAULT_MODEL, "targets_spec": TARGETS,
         "stream_layout": {"lead_s": LEAD_S, "gap_s": GAP_S, "tail_s": TAIL_S,

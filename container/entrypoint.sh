@@ -17,7 +17,8 @@ case "${1:-}" in
   "" | -*) set -- run "$@" ;;
 esac
 case "$1" in
-  run | transcribe | check-config | devices | models) ;;
+  run | transcribe | emotion | speakers | diarize | say | call | check-config | devices | models \
+    | service) ;;
   *) exec "$@" ;;
 esac
 

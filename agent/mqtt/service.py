@@ -54,8 +54,11 @@ STATE_COALESCE_S = 0.1
 MAX_CONCURRENT_COMMANDS = 8
 # At most one `outbox_overflow` error event this often.
 DROP_REPORT_INTERVAL_S = 5.0
+
+# Events that change the retained `state` (its last_final, last_speaker, last_emotion, gate):
+# the speaker and emotion of an utterance often come after its final.
 STATE_EVENTS = frozenset({"state.changed", "utterance.started", "utterance.ended",
-                          "asr.final", "error"})
+                          "asr.final", "speaker.identified", "emotion.detected", "error"})
 # Codes worth an `error` event even in the middle of an outage: they need a human.
 _CONFIG_CODES = frozenset({"auth_failed", "refused", "tls", "tls_config"})
 PROBE_JITTER_S = 0.25  # after the broker's port opens: spread the reconnects of many devices
