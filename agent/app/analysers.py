@@ -89,7 +89,8 @@ def _speaker(cfg: Config, runner: Runner) -> Analyser | None:
         return None
     from agent.speaker.analyser import load_speaker_analyser
 
-    # Not yielding to ASR: its worker call is ~40 ms per 3 s utterance and goes behind any
-    # waiting final (Priority.ANALYSIS), so the speaker is known by the time the final is
+    # With ASR on, the speaker waits for the final before asking for a worker: run beside a
+    # final decode on 2 cores, its ~30 ms call made PTT finals 1.4x slower at p50
     # (`bench/asr.py --speaker-compare N` measures the final's latency with it on and off).
-    return load_speaker_analyser(cfg.speaker, cfg.state_dir, runner)
+    return load_speaker_analyser(cfg.speaker, cfg.state_dir, runner,
+                                 yield_to="asr" if cfg.asr.enabled else None)

@@ -112,7 +112,7 @@ class SpeakerAnalyser(Analyser):
                  top_k: int = 3, max_audio_s: float = 30.0, yield_to: str | None = None,
                  yield_timeout_s: float = 2.0) -> None:
         """`yield_to`: an analyser (e.g. "asr") whose result this one waits for, at most
-        `yield_timeout_s`, before it asks for a worker (off by default: see the factory)."""
+        `yield_timeout_s`, before it asks for a worker (the factory yields to ASR when it is on)."""
         self.embedder = embedder
         self.store = store
         self.runner = runner
@@ -229,9 +229,10 @@ def open_store(cfg: SpeakerConfig, state_dir: Path, model_id: str | None = None
                            f"{state_dir}: {e}", status=503) from e
 
 
-def load_speaker_analyser(cfg: SpeakerConfig, state_dir: Path, runner: Runner
-                          ) -> SpeakerAnalyser:
-    """Model and store for the live pipeline and the speaker commands (blocking)."""
+def load_speaker_analyser(cfg: SpeakerConfig, state_dir: Path, runner: Runner,
+                          yield_to: str | None = None) -> SpeakerAnalyser:
+    """Model and store for the live pipeline and the speaker commands (blocking); `yield_to`:
+    the analyser whose result each utterance's identification waits for."""
     embedder = load_embedder(cfg)
     store = open_store(cfg, state_dir, embedder.model_id)
     stale = store.needs_reenrolment(embedder.model_id)
@@ -239,4 +240,4 @@ def load_speaker_analyser(cfg: SpeakerConfig, state_dir: Path, runner: Runner
         log.warning("%d enrolled speaker(s) have no voiceprint for %s and need re-enrolment: "
                     "%s", len(stale), embedder.model_id, ", ".join(s.name for s in stale[:10]))
     return SpeakerAnalyser(embedder, store, runner, top_k=cfg.top_k,
-                           max_audio_s=cfg.max_audio_s)
+                           max_audio_s=cfg.max_audio_s, yield_to=yield_to)
