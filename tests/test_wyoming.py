@@ -38,7 +38,6 @@ from agent.wyoming.config import WyomingConfig
 from agent.wyoming.framing import MAX_PAYLOAD
 from agent.wyoming.pcm import PcmConverter, PcmFormat, to_float
 from agent.wyoming.service import WyomingService
-from agent.wyoming.stt import agreed
 from agent.wyoming.tts import piper_dir
 
 from .conftest import ASR_EN, asr_en_rows, need_shared
@@ -219,19 +218,6 @@ def test_pcm_widths_rates_and_channels_become_16k_mono() -> None:
         PcmFormat.parse({"rate": 16000, "width": 2, "channels": 0})
 
 
-def test_chunks_carry_only_words_two_partials_agreed_on() -> None:
-    assert agreed("", "Eight of") == ""
-    assert agreed("Eight of spades", "Eight of spades, four") == "Eight"
-    assert agreed("Eight of spades, four", "Eight of spades, four of") == "Eight of spades,"
-    assert agreed("Eight of space", "Eight of spades") == "Eight"
-    # Two partials over the same audio agree on its last word, which may be cut off.
-    assert agreed("seven of h-", "seven of h-") == "seven"
-    assert agreed("Eight of", "Eight of spades") == "Eight"
-    # The newest agreed word waits for the next: its punctuation may still change.
-    assert agreed("hearts. 4, Queen", "hearts. 4, Queen of") == "hearts. 4,"
-    assert "hearts. 4. Queen of Cloves.".startswith(agreed("hearts. 4,", "hearts. 4, Q"))
-
-
 # ---------------------------------------------------------------------------------------------
 # Against a real server
 # ---------------------------------------------------------------------------------------------
@@ -308,8 +294,8 @@ async def test_streaming_stt_sends_chunks_that_add_up(tmp_path: Path,
     assert set(types[1:-2]) == {"transcript-chunk"}, types
     text = heard.of("transcript")[0].data["text"]
     chunks = "".join(e.data["text"] for e in heard.of("transcript-chunk"))
-    # Clients append chunks: together they are the transcript (letter case aside).
-    assert chunks.casefold() == text.casefold(), (chunks, text)
+    # Clients append chunks: together they are the transcript.
+    assert chunks == text, (chunks, text)
     assert wer([" ".join(r for _, r in parts)], [text]) <= WER_BOUND, text
     early = [e for t, e in heard.events if t < heard.stop_sent and e.type == "transcript-chunk"]
     assert early, "no transcript-chunk while the audio was still coming"

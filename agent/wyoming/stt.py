@@ -5,10 +5,11 @@ converted to 16 kHz mono, every decode runs in the decode runner, and the partia
 `transcript-chunk`s. A Whisper stream hears at most 30 s, so a long transcription is cut into
 streams of `WINDOW_S`; each one's final runs while the next one listens.
 
-Chunks must add up: Wyoming clients append them. A Whisper partial can still change words it
-showed before, so a chunk carries only text two partials in a row agreed on (whole words), and
-the final's remainder when the final extends what was sent (letter case aside: Whisper may
-capitalise the first word only in the final); the `transcript` event is the authority.
+Chunks must add up: Wyoming clients append them. A Whisper partial can still change any word
+it showed before (even two partials in a row that agreed on "4," gave "4." in the final), so
+a chunk carries only text that is final already: each closed sub-segment's decode (the final
+joins exactly those), sent while the audio still comes, then the rest with the final. Past
+the first window the earlier windows' finals are not known yet, so chunks wait for the end.
 """
 
 from __future__ import annotations
@@ -41,29 +42,6 @@ log = logging.getLogger(__name__)
 Send = Callable[[Event], Awaitable[None]]
 WINDOW_S = 28.0  # below Whisper's 30 s, like the upload path's windows
 PACE_S = 0.5  # audio held back until its pace shows whether partials are worth it
-
-
-def agreed(previous: str, current: str) -> str:
-    """The whole words two successive partials share, up to the last one `current` finished.
-
-    A partial's last word may be cut off by the end of the audio heard so far ("h-" for
-    "hearts"), even when two partials over the same audio agree on it: a word counts only
-    once a space follows it, and is sent only once another word follows (its punctuation).
-    """
-    n = 0
-    for a, b in zip(previous, current, strict=False):
-        if a != b:
-            break
-        n += 1
-    head = current[:n]
-    if not (n < len(current) and current[n].isspace()):
-        cut = head.rfind(" ")
-        head = head[:cut] if cut >= 0 else ""
-    # The newest agreed word still gets its punctuation from what follows it ("4," became
-    # "4." once "Queen" was heard): it is sent one word later.
-    head = head.rstrip()
-    cut = head.rfind(" ")
-    return head[:cut].rstrip() if cut >= 0 else ""
 
 
 def _decoded_segments(stream: RecognitionStream) -> str:
@@ -108,9 +86,7 @@ class Transcription:
         self.identify = speaker_identifier(app)
         self._audio: list[np.ndarray] = []  # kept only for the speaker
         self._earlier: list[asyncio.Future[Final]] = []  # finals of the full windows
-        self._earlier_text: list[str] = []  # their newest partials, for chunks
         self._forwarders: list[asyncio.Task[None]] = []
-        self._last_partial = ""
         self._sent = ""  # the chunks so far, concatenated
         # The stream opens once the pace of the audio is known (`PACE_S` of it, or the end).
         self._stream: RecognitionStream | None = None
@@ -190,35 +166,22 @@ class Transcription:
         old = self._stream
         assert old is not None
         self._earlier.append(asyncio.ensure_future(old.finish()))
-        self._earlier_text.append(self._last_partial)
-        self._last_partial = ""
         self._stream = self._new_stream()
 
     # -- partials -> chunks -----------------------------------------------------------------
 
-    def _shown(self, tail: str) -> str:
-        return " ".join(t for t in [*self._earlier_text, tail] if t)
-
     async def _forward(self, stream: RecognitionStream) -> None:
-        async for p in stream.partials():
+        # Each partial is a moment when a sub-segment may have been decoded meanwhile.
+        async for _partial in stream.partials():
             if stream is not self._stream:
                 continue
-            before, self._last_partial = self._last_partial, p.text
-            if not self.streaming:
-                continue
-            shown = self._shown(p.text)
-            commit = agreed(self._shown(before), shown)
-            # Closed sub-segments already have the text the final will use.
-            fixed = self._shown(_decoded_segments(stream))
-            if len(fixed) > len(commit) and shown.startswith(fixed):
-                commit = fixed
-            await self._chunk(commit)
+            if self.streaming and not self._earlier:
+                # Closed sub-segments already have the text the final will use.
+                await self._chunk(_decoded_segments(stream))
 
     async def _chunk(self, text: str) -> None:
-        """Send what `text` adds to the chunks sent, if it extends them (up to letter case:
-        a partial's "he was" and the final's "He was an..." agree)."""
-        if len(text) > len(self._sent) and \
-                text[:len(self._sent)].casefold() == self._sent.casefold():
+        """Send what `text` adds to the chunks sent, if it extends them."""
+        if len(text) > len(self._sent) and text.startswith(self._sent):
             delta, self._sent = text[len(self._sent):], text
             await self.send(TranscriptChunk(text=delta).event())
 
