@@ -8,7 +8,9 @@ Usage: python bench/asr.py [--models whisper-tiny.en-int8,whisper-tiny.en-fp32] 
    real daemon (config defaults plus the model), once in `ptt` mode (start 0.3 s before each
    clip, stop 0.25 s after it) and once in `vad` mode. Each run is its own subprocess
    (`--worker MODEL --mode ptt|vad`), so its CPU use and peak RSS belong to that model alone.
-`--quick` uses 3 clips. `--long`: utterances of 7-12 s instead, consecutive clips joined by
+`--quick` uses 3 clips. VOICE_AGENT__SECTION__KEY variables in the environment override the
+daemon's config in the real-time runs (e.g. VOICE_AGENT__ASR__SEGMENT_PAUSE_MS=200).
+`--long`: utterances of 7-12 s instead, consecutive clips joined by
 0.35 s pauses (one utterance: the pause is shorter than the segmenter's min_silence_ms),
 written to bench/results/asr_long.json unless --out says otherwise.
 The last model of --models (fp32 by default) is the baseline that the
@@ -250,7 +252,9 @@ async def daemon_run(model: str, mode: str, path: Path, spans: list[tuple[float,
     if mode == "ptt":
         for a, b in spans:
             script += [(max(0.0, a - PTT_START_S), "start"), (b + PTT_STOP_S, "stop")]
-    env = {"VOICE_AGENT__GATE__MODE": mode, "VOICE_AGENT__API__ENABLED": "false"}
+    # VOICE_AGENT__* in the bench's environment: config overrides to compare (in the report).
+    env = {k: v for k, v in os.environ.items() if k.startswith("VOICE_AGENT__")}
+    env.update({"VOICE_AGENT__GATE__MODE": mode, "VOICE_AGENT__API__ENABLED": "false"})
     if emotion is not None:  # else the config's default (on)
         env["VOICE_AGENT__EMOTION__ENABLED"] = "true" if emotion == "on" else "false"
     if speaker is not None:  # else the config's default (on); its store in a temp dir
@@ -335,6 +339,7 @@ def analyse_run(mode: str, events: list[Any], src: PacedSource,
             row["eos_to_final_ms"] = last.eos_to_final_ms
             row["decode_ms"] = last.decode_ms
             row["speculative"] = last.speculative
+            row["segments"] = last.segments  # sub-segments decoded while speech went on
             row["final_audio_s"] = last.audio_s
             # What a listener feels: from the end of the clip's audio to its text.
             row["clip_end_to_final_ms"] = round(1000 * (last.mono - (anchor + b)), 1)
@@ -692,6 +697,8 @@ def main() -> int:
         "speech_s": round(speech_s, 2),
         "stream_s": meta["audio_s"], "repeat": args.repeat, "models": models, "baseline": base,
         "default_model": DEFAULT_MODEL, "targets_spec": TARGETS,
+        "config_overrides": {k: v for k, v in os.environ.items()
+                             if k.startswith("VOICE_AGENT__")},
         "stream_layout": {"lead_s": LEAD_S, "gap_s": GAP_S, "tail_s": TAIL_S,
                           "ptt_start_before_s": PTT_START_S, "ptt_stop_after_s": PTT_STOP_S,
                           "block_ms": BLOCK_MS, "spans": meta["spans"]},

@@ -10,27 +10,21 @@ stream on the daemon-wide decode runner, exactly as for live utterances.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import contextlib
-import json
 import logging
 import time
 from typing import Any
 
 import numpy as np
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import web
 
-from agent import jsonsafe
-from agent.api.context import CTX, ApiContext
-from agent.api.errors import ApiError
+from agent.api.context import ApiContext
+from agent.api.ws_audio import AudioSocket, refuse, upgrade
 from agent.app import emotion as emotion_app
 from agent.asr.base import AsrEngine
 from agent.asr.schedule import StreamParams
 from agent.asr.stream import RecognitionStream
 from agent.audio.convert import Resampler
 from agent.constants import CAPTURE_RATES, PIPELINE_RATE
-from agent.errors import AgentError
 from agent.pipeline.gate import new_id
 
 log = logging.getLogger(__name__)
@@ -48,16 +42,16 @@ class Utterance:
         self.stopped = False
 
 
-class AsrConnection:
+class AsrConnection(AudioSocket):
     """Protocol state of one `/ws/asr` client."""
+
+    endpoint = "asr"
+    not_an_object = "bad_message"
 
     def __init__(self, ctx: ApiContext, ws: web.WebSocketResponse, engine: AsrEngine,
                  peer: str) -> None:
-        self.ctx = ctx
-        self.ws = ws
+        super().__init__(ctx, ws, peer)
         self.engine = engine
-        self.peer = peer
-        self.id = new_id()
         self.utt: Utterance | None = None
         # What `start` asked for last; utterances started implicitly by audio reuse it.
         self.rate = PIPELINE_RATE
@@ -73,61 +67,6 @@ class AsrConnection:
                             segments=getattr(asr, "segments", True),
                             pause_s=getattr(asr, "segment_pause_ms", 300) / 1000,
                             min_segment_s=getattr(asr, "segment_min_s", 2.0))
-
-    async def send(self, payload: dict[str, Any]) -> None:
-        """Send one JSON message (a closed socket is not an error here)."""
-        if self.ws.closed:
-            return
-        timeout = self.ctx.cfg.ws_send_timeout_s
-        try:
-            await asyncio.wait_for(self.ws.send_str(json.dumps(payload)), timeout)
-        except ConnectionError:
-            pass
-        except TimeoutError:
-            # A client that does not read its results must not hold a session forever.
-            log.warning("dropping /ws/asr client %s: a send blocked for %g s", self.peer, timeout)
-            self.ctx.metrics.ws_dropped.inc(endpoint="asr", reason="slow_client")
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.ws.close(code=WSCloseCode.POLICY_VIOLATION,
-                                                     message=b"slow_client"), 1.0)
-
-    async def error(self, code: str, message: str) -> None:
-        """A protocol error; the connection stays open."""
-        await self.send({"type": "error", "code": code, "message": message})
-
-    async def status(self, status: str, **extra: Any) -> None:
-        """A status message."""
-        await self.send({"type": "status", "status": status, "session_id": self.id, **extra})
-
-    # ---- client messages ----------------------------------------------------------------
-
-    async def on_text(self, text: str) -> None:
-        """A JSON message: control or base64 audio."""
-        try:
-            msg = jsonsafe.loads(text, max_bytes=len(text.encode()) + 1, what="message")
-        except AgentError as e:
-            await self.error(e.code, e.message)
-            return
-        if not isinstance(msg, dict):
-            await self.error("bad_message", "expected a JSON object with a `type`")
-            return
-        kind = msg.get("type")
-        if kind == "audio":
-            data = msg.get("data")
-            if not isinstance(data, str):
-                await self.error("bad_message", "audio message needs `data`: base64 s16le PCM")
-                return
-            try:
-                pcm = base64.b64decode(data, validate=True)
-            except (binascii.Error, ValueError) as e:
-                await self.error("bad_base64", f"audio data is not valid base64: {e}")
-                return
-            await self.on_audio(pcm)
-        elif kind == "control":
-            await self.on_control(msg)
-        else:
-            await self.error("bad_message", f"unknown message type {str(kind)[:40]!r}: "
-                                            "expected control or audio")
 
     async def on_control(self, msg: dict[str, Any]) -> None:
         """start (optionally `sample_rate`, `partials`), stop or reset."""
@@ -255,33 +194,20 @@ class AsrConnection:
                 utt.forwarder.cancel()
 
 
-async def _refuse(ws: web.WebSocketResponse, code: str, message: str) -> web.WebSocketResponse:
-    with contextlib.suppress(Exception):
-        await ws.send_str(json.dumps({"type": "error", "code": code, "message": message}))
-        await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=code.encode())
-    return ws
-
-
 async def asr_ws(request: web.Request) -> web.StreamResponse:
     """`GET /ws/asr` (WebSocket upgrade)."""
-    ctx = request.app[CTX]
+    ctx, ws = await upgrade(request)
     cfg = ctx.cfg
-    ws = web.WebSocketResponse(heartbeat=cfg.ws_heartbeat_s, compress=False,
-                               max_msg_size=min(int(cfg.max_body_mb * 2**20), 16 * 2**20))
-    if not ws.can_prepare(request).ok:
-        raise ApiError(400, "not_websocket", "this is a WebSocket endpoint: connect with an "
-                                             "Upgrade: websocket request")
-    await ws.prepare(request)
     peer = request.remote or "?"
     engine = ctx.app.asr_engine
     if engine is None:
         ctx.metrics.ws_rejected.inc(reason="asr_unavailable")
-        return await _refuse(ws, "asr_unavailable", "no ASR model is loaded (asr.enabled is "
+        return await refuse(ws, "asr_unavailable", "no ASR model is loaded (asr.enabled is "
                              "false, the model failed to load, or the daemon is starting)")
     if ctx.asr_sessions >= cfg.max_asr_sessions:
         ctx.metrics.ws_rejected.inc(reason="too_many_sessions")
         log.warning("/ws/asr client %s refused: %d sessions open", peer, ctx.asr_sessions)
-        return await _refuse(ws, "too_many_sessions",
+        return await refuse(ws, "too_many_sessions",
                              f"all {cfg.max_asr_sessions} ASR sessions are in use "
                              "(api.max_asr_sessions); try again later")
     ctx.asr_sessions += 1
@@ -292,11 +218,7 @@ async def asr_ws(request: web.Request) -> web.StreamResponse:
     try:
         await conn.status("ready", model=engine.model_id, sample_rate=PIPELINE_RATE,
                           partials=cfg.asr_partials, max_utterance_s=cfg.asr_max_utterance_s)
-        async for msg in ws:
-            if msg.type == WSMsgType.TEXT:
-                await conn.on_text(msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                await conn.on_audio(msg.data)
+        await conn.serve()
     finally:
         conn.abandon()
         emotion_app.end_stream(ctx.app, conn.id)

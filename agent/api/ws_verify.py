@@ -13,25 +13,20 @@ per connection; a window that falls behind is skipped in favour of the newest.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import json
 import logging
 import time
 from typing import Any
 
 import numpy as np
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import web
 
-from agent import jsonsafe
 from agent.analysis import Priority
-from agent.api.context import CTX, ApiContext
-from agent.api.errors import ApiError
+from agent.api.context import ApiContext
+from agent.api.ws_audio import AudioSocket, refuse, upgrade
 from agent.audio.convert import Resampler
 from agent.constants import CAPTURE_RATES, PIPELINE_RATE
 from agent.errors import AgentError, SpeakerError
-from agent.pipeline.gate import new_id
 from agent.speaker.analyser import CANNOT_TELL, SpeakerAnalyser
 from agent.speaker.store import Speaker
 
@@ -48,12 +43,15 @@ def _seconds(n: int) -> float:
     return round(n / SR, 3)
 
 
-class VerifySession:
+class VerifySession(AudioSocket):
     """Protocol state of one client: the reference, the test audio, the window in flight."""
 
-    def __init__(self, ctx: ApiContext, ws: web.WebSocketResponse, a: SpeakerAnalyser) -> None:
-        self.ctx, self.ws, self.a = ctx, ws, a
-        self.id = new_id()
+    endpoint = ENDPOINT
+
+    def __init__(self, ctx: ApiContext, ws: web.WebSocketResponse, a: SpeakerAnalyser,
+                 peer: str = "?") -> None:
+        super().__init__(ctx, ws, peer)
+        self.a = a
         self.max_samples = int(ctx.app.cfg.speaker.max_audio_s * SR)
         self.opts = dict(DEFAULTS)
         self.rate = SR
@@ -73,58 +71,6 @@ class VerifySession:
         self.shed = 0
         self.task: asyncio.Task[None] | None = None
         self.closing = False  # stop() is finishing: no new jobs
-
-    # -- sending ----------------------------------------------------------------------------
-
-    async def send(self, payload: dict[str, Any]) -> None:
-        """One JSON message; a client that does not read within the send timeout is dropped."""
-        if self.ws.closed:
-            return
-        try:
-            await asyncio.wait_for(self.ws.send_str(json.dumps(payload)),
-                                   self.ctx.cfg.ws_send_timeout_s)
-        except ConnectionError:
-            pass
-        except TimeoutError:
-            log.warning("dropping /ws/speakers/verify client: a send blocked")
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.ws.close(code=WSCloseCode.POLICY_VIOLATION,
-                                                     message=b"slow_client"), 1.0)
-
-    async def error(self, code: str, message: str) -> None:
-        """A protocol error; the connection stays."""
-        await self.send({"type": "error", "code": code, "message": message})
-
-    async def status(self, status: str, **extra: Any) -> None:
-        """A status message."""
-        await self.send({"type": "status", "status": status, "session_id": self.id, **extra})
-
-    # -- client messages --------------------------------------------------------------------
-
-    async def on_text(self, text: str) -> None:
-        """A control message or base64 audio."""
-        try:
-            msg = jsonsafe.loads_object(text, max_bytes=len(text.encode()) + 1, what="message")
-        except AgentError as e:
-            await self.error(e.code, e.message)
-            return
-        kind = msg.get("type")
-        if kind == "audio":
-            data = msg.get("data")
-            try:
-                pcm = base64.b64decode(data, validate=True) if isinstance(data, str) else None
-            except (binascii.Error, ValueError) as e:
-                await self.error("bad_base64", f"audio data is not valid base64: {e}")
-                return
-            if pcm is None:
-                await self.error("bad_message", "audio message needs `data`: base64 s16le PCM")
-                return
-            await self.on_audio(pcm)
-        elif kind == "control":
-            await self.on_control(msg)
-        else:
-            await self.error("bad_message", f"unknown message type {str(kind)[:40]!r}: "
-                                            "expected control or audio")
 
     async def on_control(self, msg: dict[str, Any]) -> None:
         """start (speaker_id, sample_rate, window_s, hop_s, reference_s), stop or reset."""
@@ -321,42 +267,24 @@ class VerifySession:
         self.rate = rate
 
 
-async def _refuse(ws: web.WebSocketResponse, code: str, message: str) -> web.WebSocketResponse:
-    with contextlib.suppress(Exception):
-        await ws.send_str(json.dumps({"type": "error", "code": code, "message": message}))
-        await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=code.encode())
-    return ws
-
-
 async def verify_ws(request: web.Request) -> web.StreamResponse:
     """`GET /ws/speakers/verify` (WebSocket upgrade)."""
-    ctx = request.app[CTX]
-    cfg = ctx.cfg
-    ws = web.WebSocketResponse(heartbeat=cfg.ws_heartbeat_s, compress=False,
-                               max_msg_size=min(int(cfg.max_body_mb * 2**20), 16 * 2**20))
-    if not ws.can_prepare(request).ok:
-        raise ApiError(400, "not_websocket", "this is a WebSocket endpoint: connect with an "
-                                             "Upgrade: websocket request")
-    await ws.prepare(request)
+    ctx, ws = await upgrade(request)
     a = ctx.app.analysers.get("speaker")
     if not isinstance(a, SpeakerAnalyser):
-        return await _refuse(ws, "speaker_unavailable", "no speaker model is loaded "
+        return await refuse(ws, "speaker_unavailable", "no speaker model is loaded "
                              "(speaker.enabled is false, or the model failed to load)")
     sockets = ctx.sockets.setdefault(ENDPOINT, set())
     if len(sockets) >= MAX_SESSIONS:
-        return await _refuse(ws, "too_many_sessions", f"all {MAX_SESSIONS} verify sessions "
+        return await refuse(ws, "too_many_sessions", f"all {MAX_SESSIONS} verify sessions "
                              "are in use; try again later")
     sockets.add(ws)
-    session = VerifySession(ctx, ws, a)
+    session = VerifySession(ctx, ws, a, request.remote or "?")
     try:
         await session.status("ready", model=a.embedder.model_id, sample_rate=SR,
                              threshold=a.store.threshold, max_audio_s=session.max_samples / SR,
                              **DEFAULTS)
-        async for msg in ws:
-            if msg.type == WSMsgType.TEXT:
-                await session.on_text(msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                await session.on_audio(msg.data)
+        await session.serve()
     finally:
         session.abandon()
         sockets.discard(ws)
