@@ -91,7 +91,7 @@ def hold_browser_mic(url: str, mic_wav: Path, hold_s: float) -> dict[str, Any]:
         try:
             driver.set_page_load_timeout(30)
             # ?mic=press: the microphone (a file played once) opens at the press, so the file's
-            # 0.5 s of lead silence, not the speech, covers the page's start-up.
+            # lead silence, not the speech, covers the page's start-up.
             driver.get(url + ("&" if "?" in url else "?") + "mic=press")
             wait = WebDriverWait(driver, 30)
             wait.until(lambda d: "on" in d.find_element(By.ID, "conn").get_attribute("class"))
@@ -115,7 +115,8 @@ def test_default_run_without_a_mic_is_honest_and_the_browser_mic_works(tmp_path:
     need_browser()
     x, _ = sf.read(ASR_EN / CARDS[0], dtype="float32")
     mic = tmp_path / "mic.wav"
-    sf.write(mic, np.concatenate([np.zeros(8000, np.float32), x, np.zeros(16000, np.float32)]),
+    # 1.5 s of lead silence: the page's microphone and socket start-up, slower on a busy box.
+    sf.write(mic, np.concatenate([np.zeros(24000, np.float32), x, np.zeros(16000, np.float32)]),
              16000, subtype="PCM_16")
     proc = subprocess.Popen([str(EXE), "run"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=clean_env(tmp_path))
@@ -132,7 +133,7 @@ def test_default_run_without_a_mic_is_honest_and_the_browser_mic_works(tmp_path:
         metrics = urllib.request.urlopen(url.split("?")[0] + "metrics", timeout=5).read()
         assert b'voice_agent_audio_state{state="unavailable"} 1' in metrics
         assert b"voice_agent_healthy 0" in metrics
-        out = hold_browser_mic(url, mic, 0.5 + len(x) / 16000 + 0.7)
+        out = hold_browser_mic(url, mic, 1.5 + len(x) / 16000 + 0.7)
         assert out["console"] == [], out["console"]
         assert wer([CARDS[1]], [out["final"]]) <= WER_BOUND, out
     finally:

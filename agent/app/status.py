@@ -7,7 +7,7 @@ snapshot, the MQTT `state` topic, the kiosk and the terminal all render these.
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -125,6 +125,13 @@ class Status(Health):
     last_error: LastError | None = None
 
 
+ORDER_KEPT = 256  # utterances whose start order the tracker remembers
+
+
+class _Result(Protocol):
+    utterance_id: str | None
+
+
 class StatusTracker:
     """Follows events to know the current utterance, the newest results and simple counters."""
 
@@ -136,22 +143,41 @@ class StatusTracker:
         self.last_emotion: LastEmotion | None = None
         self.last_error: LastError | None = None
         self.counts: dict[str, int] = {}
+        # Start order of recent utterances: results come out of order (the speaker waits for
+        # the final, a long final for its decode), and "last" means the newest utterance's.
+        self._order: dict[str, int] = {}
+        self._started = 0
+
+    def _newest(self, utterance_id: str | None, last: _Result | None) -> bool:
+        """Whether a result for `utterance_id` is not older than `last`'s."""
+        if last is None or utterance_id is None:
+            return True
+        mine = self._order.get(utterance_id)
+        theirs = self._order.get(last.utterance_id) if last.utterance_id else None
+        return mine is None or theirs is None or mine >= theirs
 
     def apply(self, ev: BaseEvent) -> None:
         """Update from one event."""
         self.counts[ev.type] = self.counts.get(ev.type, 0) + 1
         if isinstance(ev, UtteranceStarted):
             self.current_utterance = ev.utterance_id
+            if ev.utterance_id is not None:
+                self._started += 1
+                self._order[ev.utterance_id] = self._started
+                if len(self._order) > ORDER_KEPT:
+                    del self._order[next(iter(self._order))]
         elif isinstance(ev, UtteranceEnded) and ev.utterance_id == self.current_utterance:
             self.current_utterance = None
-        elif isinstance(ev, AsrFinal):
+        elif isinstance(ev, AsrFinal) and self._newest(ev.utterance_id, self.last_final):
             self.last_final = LastFinal(utterance_id=ev.utterance_id, text=ev.text,
                                         language=ev.language, ts=ev.ts)
-        elif isinstance(ev, SpeakerIdentified):
+        elif isinstance(ev, SpeakerIdentified) and self._newest(ev.utterance_id,
+                                                                self.last_speaker):
             self.last_speaker = LastSpeaker(utterance_id=ev.utterance_id,
                                             speaker_id=ev.speaker_id, name=ev.name,
                                             score=ev.score, is_match=ev.is_match, ts=ev.ts)
-        elif isinstance(ev, EmotionDetected):
+        elif isinstance(ev, EmotionDetected) and self._newest(ev.utterance_id,
+                                                              self.last_emotion):
             self.last_emotion = LastEmotion(utterance_id=ev.utterance_id, label=ev.label,
                                             confidence=ev.confidence, ts=ev.ts)
         elif isinstance(ev, ErrorEvent):
