@@ -115,8 +115,8 @@ class SherpaOfflineAsrConfig(_AsrCommon):
     # Close sub-segments at the speaker's pauses and decode them while speech goes on, so a
     # long sentence's final costs only its tail; false: decode the whole utterance at the end.
     segments: bool = True
-    segment_pause_ms: int = Field(default=300, ge=90, le=5000)
-    segment_min_s: float = Field(default=2.0, ge=0.5, le=28)
+    segment_pause_ms: int = Field(default=150, ge=90, le=5000)
+    segment_min_s: float = Field(default=0.8, ge=0.5, le=28)
 
 
 class SherpaOnlineAsrConfig(_AsrCommon):

@@ -824,7 +824,12 @@ async def test_api_serves_while_the_daemon_runs() -> None:
         await asyncio.sleep(0.02)
     base = f"http://127.0.0.1:{svc.port}"
     async with aiohttp.ClientSession(headers={"X-API-Key": KEY}) as http:
-        health = await (await http.get(f"{base}/api/health")).json()
+        # The API is up before the analysers have loaded: "starting" until they have.
+        for _ in range(500):
+            health = await (await http.get(f"{base}/api/health")).json()
+            if health["status"] != "starting":
+                break
+            await asyncio.sleep(0.02)
         assert health["status"] == "ok"
         async with http.ws_connect(f"{base}/ws/events") as ws:
             assert (await ws.receive_json(timeout=WS_TIMEOUT))["type"] == "snapshot"

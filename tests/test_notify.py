@@ -293,7 +293,7 @@ def test_sighup_reload_good_then_bad_config(listener: Listener, tmp_path: Path) 
                             stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     try:
         listener.wait_for("READY", 60)
-        cfg.write_text("log_level: debug\ngate: {mode: ptt}\n")
+        cfg.write_text("log_level: debug\ngate: {mode: ptt}\nplayback: {block_ms: 20}\n")
         proc.send_signal(signal.SIGHUP)
         reloading, _ = listener.wait_for("RELOADING", 10)
         assert int(reloading["MONOTONIC_USEC"]) > 0
@@ -308,6 +308,8 @@ def test_sighup_reload_good_then_bad_config(listener: Listener, tmp_path: Path) 
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0
         assert "log_level" in err and "vad.aggressiveness" in err, err[-2000:]
+        # The player is built at start: the reload says so rather than ignoring it silently.
+        assert "need a restart to apply: playback.block_ms" in err, err[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()

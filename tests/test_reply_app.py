@@ -623,3 +623,20 @@ def test_cli_say_writes_a_wav_without_playing(tmp_path: Path) -> None:
                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert bad.returncode == 1 and "empty" in bad.stderr
 
+
+
+def test_a_reload_names_the_reply_settings_that_need_a_restart() -> None:
+    """reply.enabled, conversation and echo_tail_ms apply live; voices, clients, the player
+    and the DashScope key are built at start, so a reload lists them as needing a restart."""
+    from agent.app.reply import restart_paths
+
+    old = load_config(None, env={})
+    new = load_config(None, env={"VOICE_AGENT__REPLY__ENABLED": "true",
+                                 "VOICE_AGENT__REPLY__ECHO_TAIL_MS": "500",
+                                 "VOICE_AGENT__REPLY__DUPLEX": "full",
+                                 "VOICE_AGENT__REPLY__PIPER__LENGTH_SCALE": "1.2",
+                                 "VOICE_AGENT__PLAYBACK__BUFFER_S": "3",
+                                 "VOICE_AGENT__DASHSCOPE__API_KEY": "sk-other"})
+    assert restart_paths(old, new) == ["reply.duplex", "reply.piper", "playback.buffer_s",
+                                       "dashscope.api_key"]
+    assert restart_paths(old, old) == []

@@ -153,21 +153,27 @@ def test_a_pause_cuts_a_segment_in_its_middle() -> None:
     cut = (n(p.min_segment_s) // FRAME + pause_frames - pause_frames // 2) * FRAME
     assert [(d.start, d.end, d.segment) for d in seg] == [(0, cut, 0)]
     assert c.s.seg_start == cut and c.s.segments == [Segment(0, cut)]
-    # The tail (0.24 s) is too short for a partial yet; once it is not, partials cover the
-    # tail alone, and the cut is not made again.
+    # The tail (half the pause and 3 frames) is too short for a partial yet; once it is not,
+    # partials cover the tail alone, and the cut is not made again.
+    assert (c.s.fed - cut) / SR < p.min_audio_s
     assert [d.kind for d in out] == ["segment"]
-    c.feed(0.1, True)
+    c.feed(p.min_audio_s, True)
     d = c.partial()
     assert (d.start, d.end) == (cut, c.s.fed) and len(c.s.segments) == 1
 
 
+P = StreamParams()
+
+
 @pytest.mark.parametrize("speech_s,pause_s,after_s", [
-    (1.0, 0.5, 0.2),  # the segment would be shorter than min_segment_s
-    (2.5, 0.2, 0.2),  # the pause is shorter than pause_s
-    (2.5, 0.5, 0.0),  # no speech after the pause (yet): it may be the end
+    # the segment (up to the middle of the pause) would be shorter than min_segment_s
+    (P.min_segment_s / 2, 2 * P.pause_s, 0.2),
+    (P.min_segment_s + 0.5, P.pause_s - 2 * FRAME_S, 0.2),  # the pause is shorter than pause_s
+    (P.min_segment_s + 0.5, 2 * P.pause_s, 0.0),  # no speech after the pause (yet): the end?
 ])
 def test_no_cut(speech_s: float, pause_s: float, after_s: float) -> None:
     c = Clock()
+    assert speech_s + pause_s / 2 < P.min_segment_s or pause_s < P.pause_s or after_s == 0
     c.feed(speech_s, True)
     c.feed(pause_s, False)
     c.feed(after_s, True)
@@ -253,6 +259,18 @@ def test_a_running_partial_over_all_speech_is_worth_waiting_for() -> None:
     assert c.s.reuse_if_inflight() == d.end
     c.feed(0.2, True)  # more speech: that partial no longer covers it
     assert c.s.reuse_if_inflight() is None
+
+
+@pytest.mark.parametrize("after_s,waits", [(P.cover_s, True), (P.cover_s - FRAME_S, False)])
+def test_a_running_partial_is_waited_for_from_exactly_the_cover(after_s: float,
+                                                                 waits: bool) -> None:
+    c = Clock()
+    c.feed(1.0, True)
+    c.feed(after_s, False)
+    d = c.partial()
+    assert d.end == c.s.speech_end + n(after_s)
+    c.feed(0.3, False)  # the release flushes silence: the partial heard all the speech or not
+    assert c.s.reuse_if_inflight() == (d.end if waits else None)
 
 
 def test_nothing_said_since_the_last_cut_needs_no_tail_decode() -> None:
@@ -406,14 +424,29 @@ def test_wake_at_before_any_partial() -> None:
     assert c.s.wake_at() == pytest.approx(min(0.0, c.t + c.s.p.idle_s))
 
 
-def test_reuse_needs_the_margin_after_the_speech() -> None:
+def test_reuse_needs_the_cover_after_the_speech() -> None:
     c = Clock()
     c.feed(1.0, True)
-    c.feed(c.s.p.margin_s / 2, False)
-    d = c.partial()  # heard the speech and only half the margin after it
+    c.feed(c.s.p.cover_s / 2, False)
+    d = c.partial()  # heard the speech and only half the cover after it
     c.s.partial_done(d, "eight of spades", c.t, True)
     c.feed(0.3, False)
     assert c.s.plan_final().needs_decode  # the end of the last word may be cut off
+
+
+def test_a_periodic_partial_that_heard_the_cover_is_the_final() -> None:
+    """Less silence than `margin_s` (no endpoint yet) but the cover: reused, not redone."""
+    c = Clock()
+    assert c.s.p.cover_s < c.s.p.margin_s
+    c.feed(1.0, True)
+    c.feed(c.s.p.cover_s, False)
+    d = c.partial()
+    assert not d.endpoint
+    c.s.partial_done(d, "eight of spades", c.t, True)
+    c.feed(0.3, False)
+    assert c.s.plan_final() == FinalPlan("eight of spades", 0, c.s.fed)
+    # ... and the silence that follows does not ask for an endpoint partial: it heard it all.
+    assert not any(d.endpoint for d in c.poll())
 
 
 def test_no_voice_at_all_the_partial_must_cover_everything() -> None:

@@ -61,12 +61,13 @@ class AsrConnection(AudioSocket):
 
     def params(self, partials: bool) -> StreamParams:
         """The recognition stream's settings for this connection."""
-        cfg, asr = self.ctx.cfg, self.ctx.app.cfg.asr
+        cfg, asr, d = self.ctx.cfg, self.ctx.app.cfg.asr, StreamParams()
+        # A streaming engine's config has no segment settings (it has no segments).
         return StreamParams(partials=partials, interval_s=cfg.asr_partial_interval_ms / 1000,
                             reuse=cfg.asr_final_from_partial,
-                            segments=getattr(asr, "segments", True),
-                            pause_s=getattr(asr, "segment_pause_ms", 300) / 1000,
-                            min_segment_s=getattr(asr, "segment_min_s", 2.0))
+                            segments=getattr(asr, "segments", d.segments),
+                            pause_s=getattr(asr, "segment_pause_ms", d.pause_s * 1000) / 1000,
+                            min_segment_s=getattr(asr, "segment_min_s", d.min_segment_s))
 
     async def on_control(self, msg: dict[str, Any]) -> None:
         """start (optionally `sample_rate`, `partials`), stop or reset."""

@@ -37,6 +37,7 @@ from agent.app.reply_voice import cloud_llm, cloud_tts, local_voice
 from agent.app.service import Service
 from agent.asr.base import has_words
 from agent.audio.playback import Player
+from agent.config import Config
 from agent.errors import AgentError, CloudError, ReplyError
 from agent.events import (
     AccessDenied,
@@ -370,8 +371,26 @@ class ReplyService(Service):
         return f"{trig}; voice {voice}, {local}; {rc.duplex} duplex"
 
 
+# Read from app.cfg whenever they are used; everything else in reply/playback/dashscope is
+# built into the session, the player or the cloud clients at start.
+_LIVE = ("reply.enabled", "reply.conversation", "reply.echo_tail_ms")
+
+
+def restart_paths(old: Config, new: Config) -> list[str]:
+    """The reply, playback and DashScope settings a reload changed that need a restart."""
+    out = []
+    for section in ("reply", "playback", "dashscope"):
+        a, b = getattr(old, section), getattr(new, section)
+        for name in type(a).model_fields:
+            path = f"{section}.{name}"
+            if path not in _LIVE and getattr(a, name) != getattr(b, name):
+                out.append(path)
+    return out
+
+
 def attach(app: App) -> Replies:
     """Build the App's replies (once); `replies_of(app)` finds them from then on."""
     if app not in _REPLIES:
         _REPLIES[app] = Replies(app)
+        app.reload_hooks.append(restart_paths)
     return _REPLIES[app]

@@ -27,14 +27,21 @@ class StreamParams:
     # Audio that stops arriving this long means the speaker paused (the daemon's segmenter
     # holds silence back): decode everything now, so the final is ready at the release.
     idle_s: float = 0.09
-    # Speech heard up to this long before the end is all there is: a partial covering it is
-    # the final, and this much silence after speech triggers a partial at once.
+    # This much silence after speech means the speaker may have stopped: a partial at once.
     margin_s: float = 0.15
+    # A partial that heard this far past the last voiced frame heard everything said, and is
+    # the final (two 30 ms VAD frames: the decision's granularity). Smaller than `margin_s`:
+    # a periodic partial that happens to end just after the speech is reused, not redone.
+    cover_s: float = 0.06
     reuse: bool = True
     # Close sub-segments at the speaker's own pauses and decode them while speech goes on.
     segments: bool = True
-    pause_s: float = 0.3  # a pause this long, with speech on both sides, cuts a segment
-    min_segment_s: float = 2.0  # ... once the segment holds at least this much audio
+    # A pause this long, with speech on both sides, cuts a segment once it holds at least
+    # `min_segment_s` of audio. Short pauses: the lenient VAD's hangover eats ~100 ms of each
+    # (a 0.35 s gap between sentences reads as 0.18-0.4 s); `python bench/asr.py --long`
+    # measured 300 ms / 2 s against 150 ms / 0.8 s (README).
+    pause_s: float = 0.15
+    min_segment_s: float = 0.8
     max_segment_s: float = 28.0  # Whisper's window: a segment is cut here whatever it holds
 
 
@@ -174,10 +181,10 @@ class Scheduler:
         return out
 
     def _covered(self) -> int:
-        """Samples of the tail that hold everything said: speech end + margin, or all of it."""
-        margin = int(self.p.margin_s * PIPELINE_RATE)
+        """Samples of the tail that hold everything said: speech end + cover, or all of it."""
+        cover = int(self.p.cover_s * PIPELINE_RATE)
         end = self.speech_end
-        return self.fed if end == 0 else min(self.fed, end + margin)
+        return self.fed if end == 0 else min(self.fed, end + cover)
 
     def _partial(self, now: float) -> Decode | None:
         if not self.p.partials or self.inflight is not None:
@@ -193,7 +200,7 @@ class Scheduler:
         paused = now - self.last_feed >= self.p.idle_s
         margin = int(self.p.margin_s * PIPELINE_RATE)
         end = self.speech_end
-        ended = end > self.seg_start and self.fed - end >= margin and done < end + margin
+        ended = end > self.seg_start and self.fed - end >= margin and done < self._covered()
         if due or paused or ended:
             return Decode("partial", self.seg_start, self.fed, endpoint=paused or ended)
         return None
