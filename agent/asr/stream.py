@@ -189,9 +189,10 @@ class RecognitionStream:
             result = None
         text = None if result is None else (result.text if has_words(result.text) else "")
         took_ms = 1000 * (self.clock() - t0)
-        log.debug("partial [%d, %d)%s: %s in %.0f ms (fed %d)", d.start, d.end,
-                  " endpoint" if d.endpoint else "", "shed" if text is None else repr(text),
-                  took_ms, self.sched.fed)
+        if log.isEnabledFor(logging.DEBUG):  # what a latency hunt needs, decode by decode
+            log.debug("partial [%d, %d)%s: %s in %.0f ms (fed %d)", d.start, d.end,
+                      " endpoint" if d.endpoint else "", "shed" if text is None else repr(text),
+                      took_ms, self.sched.fed)
         self.sched.partial_done(d, text, self.clock(), bool(text))
         if text is not None and d.start == self.sched.seg_start:
             self._heard_ms = took_ms
