@@ -548,8 +548,10 @@ async def test_health_says_what_is_missing_when_the_models_are(
         # Every missing model is named (not only the last one to fail loading).
         assert any(ASR_MODEL in p and "not installed" in p for p in health["problems"]), \
             health["problems"]
-        state = await lv.sub.wait_for(lambda: lv.sub.on(f"{lv.prefix}/state"))
-        assert state[-1].json()["status"] == "degraded"
+        # `state` carries the status: one published while the models were still loading said
+        # "starting", so the newest must come to say degraded (a timeout fails the test).
+        await lv.sub.wait_for(lambda: (s := lv.sub.on(f"{lv.prefix}/state"))
+                              and s[-1].json()["status"] == "degraded")
         r = await lv.http.post(f"{lv.base}/api/asr/transcribe", data=b"x",
                                headers={"Content-Type": "audio/wav"})
         await error_of(r, 503, "asr_unavailable")

@@ -430,11 +430,19 @@ class MqttService(Service):
 
     async def _state_loop(self, client: aiomqtt.Client) -> None:
         """Keep the retained `state` topic current, one publish per burst of changes."""
-        while True:
-            await self._state_dirty.wait()
-            await asyncio.sleep(STATE_COALESCE_S)
-            self._state_dirty.clear()
-            await client.publish(self.topics.state, self.state_payload(), qos=1, retain=True)
+        # The payload carries the daemon's status: one published while the models still load
+        # says "starting", so becoming ready is a change too.
+        ready = asyncio.create_task(self.app.ready.wait())
+        ready.add_done_callback(lambda _: self._state_dirty.set())
+        try:
+            while True:
+                await self._state_dirty.wait()
+                await asyncio.sleep(STATE_COALESCE_S)
+                self._state_dirty.clear()
+                await client.publish(self.topics.state, self.state_payload(), qos=1,
+                                     retain=True)
+        finally:
+            ready.cancel()
 
     async def _publish_discovery(self, client: aiomqtt.Client) -> None:
         await self.discovery.sync(client)
